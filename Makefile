@@ -1,0 +1,35 @@
+# Set-up and test entry points. `make test` and `make demo` build .venv from nothing when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-unit test-dist demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+test-dist: $(STAMP)
+	$(BIN)/python -m pytest tests/dist
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/loss.py
+
+demo: $(STAMP)
+	@echo "make demo: the end-to-end quickstart is not built yet; 'make test' checks the pipeline so far."
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

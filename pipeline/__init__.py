@@ -1,0 +1,1 @@
+"""Distillation pipeline: config, parallel layout, losses, models, data, teacher cache, trainer."""

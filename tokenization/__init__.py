@@ -1,0 +1,1 @@
+"""Tokenizer training, text readers, packing and token shard writing."""
