@@ -7,6 +7,7 @@ one call and return their results to the parent, which asserts on them.
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -35,12 +36,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        results.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - every failure is reported to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _to_bytes(value: Any) -> bytes:
+    """Results travel as torch.save bytes: tensors in a queue would share memory with a dying process."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
@@ -85,4 +93,4 @@ def _verdict(outcomes: dict, world_size: int, timeout_s: float) -> list:
         failures.append(f"--- ranks {missing} neither finished nor failed within {timeout_s:.0f} s")
     if failures:
         raise AssertionError(f"distributed run of {world_size} processes failed:\n" + "\n".join(failures))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [torch.load(io.BytesIO(outcomes[r][1]), weights_only=False) for r in range(world_size)]

@@ -120,7 +120,7 @@ def distill_loss(student_logits: Tensor, targets, *, divergence: str, tp_group=N
     per_row = torch.tensor([kd_weight * temperature * scale, ce_weight * scale], dtype=dtype, device=valid.device)
     plan = _Plan(settings, shard, chunk_size or _auto_chunk(local, dtype, dense is not None),
                  valid.reshape(-1, 1).to(dtype) * per_row,
-                 None if ce_weight == 0 else labels.reshape(-1), dense=dense, sparse=sparse)
+                 None if labels is None else labels.reshape(-1), dense=dense, sparse=sparse)
     loss = _DistillLoss.apply(student_logits, plan, scale)
     return _output(loss, plan, count, scale)
 

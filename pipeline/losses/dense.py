@@ -69,7 +69,7 @@ def _write_grad(grad, exp_z, log_sz, w, sum_w, xf, log_sx, label_rc, weights, co
         g = w.sub_(exp_z * (inv_sz * sum_w.unsqueeze(-1))).mul_(kd)
     else:
         g = torch.zeros_like(exp_z)
-    if log_sx is not None:
+    if log_sx is not None and ce.any():
         g.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce))
         rows, cols = label_rc
         g.index_put_((rows, cols), -ce[rows, 0], accumulate=True)

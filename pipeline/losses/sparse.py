@@ -127,7 +127,7 @@ def _write_grad(grad, exp_rest, xf, out, weights, owned, label_rc, packed, top, 
     exp_rest.mul_(coef.unsqueeze(-1))
     exp_rest[rows, cols] = torch.where(counted[rows], val[rows, slots], 0.0)
     if label_rc is not None:
-        if temp != 1.0:
+        if temp != 1.0 and cfg.ce_weight > 0:
             log_sx = packed[:, k + 2].log() + top * temp
             exp_rest.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce.unsqueeze(-1)))
         lab_rows, lab_cols = label_rc
