@@ -1,0 +1,94 @@
+"""The pipeline's config sections: one frozen dataclass per section, under the root `RunConfig`.
+
+Each setting declares its default, its documentation and its constraint in one place (`setting`),
+so a YAML file, `distill config --reference` and the README's config reference all come from these
+classes. The machinery that fills them from YAML and overrides lives in pipeline/config_tree.py and
+is re-exported here, so callers import everything config from this module. A new section is one
+frozen dataclass here plus one `section(...)` field on `RunConfig` (or on the root class of its job).
+
+Design choice: sections are frozen, so the config a run logs and checkpoints is the config it ran
+with; nothing mutates it halfway. The cost: a changed value means a new object
+(`dataclasses.replace`), and that path skips validation unless it goes through `from_dict`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, config_reference, config_to_dict,
+                                  dump_yaml, from_dict, greater_than, in_range, load_config, non_negative,
+                                  positive, section, setting)
+
+__all__ = ["COMMAND_LINE", "Check", "ConfigError", "DivergenceName", "LossConfig", "ParallelConfig", "RunConfig",
+           "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
+           "load_config", "non_negative", "positive", "section", "setting"]
+
+DivergenceName = Literal["kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl", "ce"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the processes of one job are laid out: world = dp × tp."""
+
+    tp: int = setting(1, "Tensor-parallel size: ranks that split each layer and the vocabulary. dp is derived at "
+                         "run time as world size / tp. Larger tp fits a bigger model per rank at the price of "
+                         "collectives in every layer.", at_least(1))
+    backend: Literal["auto", "gloo", "nccl"] = setting(
+        "auto", "torch.distributed backend. auto = nccl when CUDA is available, else gloo (the CPU "
+                "development and CI platform).")
+    timeout_minutes: int = setting(30, "How long a collective may wait before the job fails. Too short kills "
+                                       "jobs during slow checkpoints; too long lets a hung rank hold the "
+                                       "allocation.", positive)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The distillation loss: (1 − ce_weight)·T²·D(teacher ‖ student) + ce_weight·CE."""
+
+    divergence: DivergenceName = setting(
+        "kl", "D between teacher p and student q. kl = KL(p‖q): mass-covering, the standard. rkl = KL(q‖p): "
+              "mode-seeking. js: generalised Jensen-Shannon (see beta), bounded, between the two. tvd: total "
+              "variation, bounded, weak on small probabilities. skew_kl / skew_rkl: KL against a mixture (see "
+              "alpha), smoother gradients. ce: cross-entropy with the hard labels only, no teacher.")
+    temperature: float = setting(
+        1.0, "T, dividing teacher and student logits before the softmax. Above 1 flattens both, so the "
+             "teacher's tail weighs more, at the price of a weaker signal on its top tokens. Cached sparse "
+             "targets must be used at the temperature they were made at.", positive)
+    ce_weight: float = setting(
+        0.0, "Weight of the hard-label cross-entropy against the divergence: 0 is pure distillation, 1 "
+             "ignores the teacher. Some label loss can steady a student that starts far from its teacher.",
+        in_range(0, 1))
+    beta: float = setting(
+        0.5, "js weight: β·KL(p‖M) + (1−β)·KL(q‖M) with M = βp + (1−β)q. 0.5 is the symmetric Jensen-Shannon "
+             "divergence; at either end it vanishes, hence the open interval. Used by js only.",
+        in_range(0, 1, low_open=True, high_open=True))
+    alpha: float = setting(
+        0.1, "Skew of skew_kl = KL(p ‖ αp + (1−α)q) and skew_rkl = KL(q ‖ αq + (1−α)p). 0 recovers kl / rkl; "
+             "larger values bound the divergence and its gradients but weaken the signal. Used by skew_kl and "
+             "skew_rkl only.", in_range(0, 1, high_open=True))
+    chunk_size: Optional[int] = setting(
+        None, "Token rows the loss processes at a time; null picks it so that one chunk's vocabulary-wide "
+              "temporary is about 32 MiB. Smaller lowers peak memory; larger means fewer kernel launches "
+              "and collectives.", positive)
+    target_mode: Literal["tail", "renorm"] = setting(
+        "tail", "How sparse top-k teacher targets are compared. tail adds a rest-of-vocabulary bucket to both "
+                "sides: the exact divergence of the coarsened distributions, a lower bound of the full one. "
+                "renorm renormalises both over the k ids: the common but biased practice, for comparison.")
+
+    def divergence_params(self) -> dict[str, float]:
+        """The divergence-specific keyword arguments `distill_loss` takes for this divergence."""
+        if self.divergence == "js":
+            return {"beta": self.beta}
+        if self.divergence in ("skew_kl", "skew_rkl"):
+            return {"alpha": self.alpha}
+        return {}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the pipeline: run-wide settings at the top level, then one mapping per section."""
+
+    seed: int = setting(1234, "Seed of every random number generator (data order, initialisation, sampling); "
+                              "the same seed and config repeat a run.", non_negative)
+    parallel: ParallelConfig = section(ParallelConfig, "Process layout: tensor and data parallelism.")
+    loss: LossConfig = section(LossConfig, "The distillation loss and its divergence.")

@@ -1,0 +1,89 @@
+"""The `distill` command: in process for its behaviour, as real subprocesses for the entry points."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import RunConfig, config_reference
+
+REPO = Path(__file__).resolve().parents[2]
+DISTILL = Path(sys.executable).parent / "distill"
+EXAMPLE = "configs/loss_default.yaml"
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_prints_the_resolved_config_with_the_override():
+    done = run(str(DISTILL), "config", "--config", EXAMPLE, "loss.divergence=js")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["loss"]["divergence"] == "js"
+    assert resolved["seed"] == 1234 and resolved["parallel"]["tp"] == 1
+
+
+def test_console_script_bad_key_exits_2_with_the_message_and_no_traceback():
+    done = run(str(DISTILL), "config", "--config", EXAMPLE, "loss.temprature=2.0")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("distill: error: command line: loss.temprature: unknown key (got 2.0 (float));")
+    assert "did you mean 'temperature'?" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_python_dash_m_pipeline_runs_the_same_command():
+    done = run(sys.executable, "-m", "pipeline", "config", "--config", EXAMPLE, "parallel.tp=2")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["parallel"]["tp"] == 2
+
+
+def test_config_without_a_file_prints_the_defaults(capsys):
+    assert main(["config", "loss.temperature=2"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["loss"]["temperature"] == 2.0 and resolved["loss"]["divergence"] == "kl"
+
+
+def test_file_errors_name_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("loss:\n  temperature: -1.0\n")
+    assert main(["config", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"distill: error: {path}: loss.temperature: expected > 0, got -1.0\n"
+    assert captured.out == ""
+
+
+def test_missing_file_exits_2(tmp_path, capsys):
+    assert main(["config", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert capsys.readouterr().err == f"distill: error: {tmp_path / 'absent.yaml'}: config file not found\n"
+
+
+def test_reference_prints_the_markdown_reference(capsys):
+    assert main(["config", "--reference"]) == 0
+    assert capsys.readouterr().out == config_reference(RunConfig)
+
+
+@pytest.mark.parametrize("argv", [[], ["config", "--reference", "loss.temperature=2"],
+                                  ["config", "--reference", "--config", EXAMPLE], ["train"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_explains_the_stages_but_offers_only_config(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    text = capsys.readouterr().out
+    for stage in ("tokenize", "cache", "train", "eval", "export"):
+        assert f"  {stage} " in text
+    commands = text.split("positional arguments:")[1]
+    assert "config" in commands and "check a config and print it resolved" in commands
+    assert not any(stage in commands for stage in ("tokenize", "cache", "train", "eval", "export"))
