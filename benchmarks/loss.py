@@ -1,0 +1,162 @@
+"""Forward+backward time and peak extra memory of distill_loss against two baselines, same run.
+
+Baselines, on the same logits: the naive way (gather every vocabulary shard, log_softmax, compute
+the divergence with autograd) and megatron-core's vocab_parallel_cross_entropy. Each configuration
+runs in fresh processes (tp of them, gloo) so peak memory is not inherited; peak extra memory is the
+rise of the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the
+level after the inputs exist, as a multiple of this rank's logits. Times are the median of
+--repeats runs after one warm-up. Run: .venv/bin/python benchmarks/loss.py [--tokens 8192]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.harness import run_distributed  # noqa: E402
+
+MEMORY_BUDGET = 20 * 2**30
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def make_inputs(tokens, vocab, tp, tp_rank, kind, k=32):
+    gen = torch.Generator().manual_seed(1234 + tp_rank)
+    local = vocab // tp
+    student = torch.randn(tokens, local, generator=gen) * 2
+    inputs = {"student": student}
+    if kind == "dense":
+        inputs["teacher"] = torch.randn(tokens, local, generator=gen) * 2
+    else:
+        ids_gen = torch.Generator().manual_seed(99)  # identical on every rank
+        ids = torch.rand(tokens, vocab, generator=ids_gen).topk(k, dim=-1).indices
+        logp = torch.log(torch.full((tokens, k), 0.9 / k))
+        inputs.update(ids=ids, logp=logp, log_rest=torch.full((tokens,), torch.log(torch.tensor(0.1)).item()))
+    inputs["labels"] = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(7))
+    return inputs
+
+
+def ours(inputs, group, kind):
+    from pipeline.losses import DenseTargets, SparseTargets, distill_loss
+    targets = DenseTargets(inputs["teacher"]) if kind == "dense" else \
+        SparseTargets(inputs["ids"], inputs["logp"], inputs["log_rest"])
+    x = inputs["student"].requires_grad_()
+    distill_loss(x, targets, divergence="kl", tp_group=group).loss.backward()
+    return x
+
+
+def naive(inputs, group, kind):
+    from torch.distributed.nn.functional import all_gather
+    x = inputs["student"].requires_grad_()
+    full = torch.cat(all_gather(x, group=group), dim=-1) if group is not None else x
+    log_q = full.log_softmax(-1)
+    if kind == "dense":
+        t = inputs["teacher"]
+        t_full = torch.cat(all_gather(t, group=group), dim=-1) if group is not None else t
+        log_p = t_full.log_softmax(-1)
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    else:
+        ids, logp = inputs["ids"], inputs["logp"]
+        q_rest = log_q.scatter(1, ids, float("-inf")).logsumexp(-1)
+        p_rest = inputs["log_rest"]
+        loss = ((logp.exp() * (logp - log_q.gather(1, ids))).sum(-1) + p_rest.exp() * (p_rest - q_rest)).mean()
+    loss.backward()
+    return x
+
+
+def megatron_ce(inputs, group, kind):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    x = inputs["student"].requires_grad_()
+    vocab_parallel_cross_entropy(x, inputs["labels"]).mean().backward()
+    return x
+
+
+METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce}
+
+
+def worker(rank, world, tokens, vocab, kind, method, repeats):
+    from pipeline.parallel import ParallelContext
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    ctx = ParallelContext.from_env(tp=world)
+    group = ctx.tp_group if world > 1 else None
+    times, peaks = [], []
+    for i in range(repeats + 1):
+        inputs = make_inputs(tokens, vocab, world, rank, kind)
+        logits_bytes = inputs["student"].numel() * 4
+        base = rss_bytes()
+        reset_peak()
+        dist.barrier()
+        start = time.perf_counter()
+        METHODS[method](inputs, group, kind)
+        elapsed = time.perf_counter() - start
+        peak = peak_rss_bytes() - base
+        del inputs
+        if i:
+            times.append(elapsed)
+            peaks.append(peak / logits_bytes)
+    ctx.destroy()
+    return statistics.median(times), max(peaks)
+
+
+def naive_fits(tokens, vocab, kind, tp) -> bool:
+    full = tokens * vocab * 4
+    per_rank = full * (8 if kind == "dense" else 5) + full // tp * 3
+    return per_rank * tp < MEMORY_BUDGET
+
+
+def measure(tokens, vocab, tp, kind, method, repeats):
+    if method == "naive" and not naive_fits(tokens, vocab, kind, tp):
+        return None
+    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, timeout_s=1800)
+    return max(r[0] for r in results), max(r[1] for r in results)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    # Fixed mmap threshold: freed buffers go back to the OS, so each repeat starts from a true base.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    print(f"N={args.tokens} tokens, fp32 logits, forward KL, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print("| V | tp | targets | method | fwd+bwd s | time / megatron CE | peak extra / logits |")
+    print("|---|---|---|---|---|---|---|")
+    for vocab in args.vocab:
+        for tp in args.tp:
+            ce_time, ce_mem = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats)
+            print(f"| {vocab} | {tp} | hard labels | megatron_ce | {ce_time:.3f} | 1.00 | {ce_mem:.2f} |", flush=True)
+            for kind in ("sparse", "dense"):
+                for method in ("ours", "naive"):
+                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats)
+                    label = f"{kind} K=32" if kind == "sparse" else kind
+                    if got is None:
+                        print(f"| {vocab} | {tp} | {label} | {method} | skipped: over {MEMORY_BUDGET >> 30} GiB | | |")
+                    else:
+                        print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / ce_time:.2f} "
+                              f"| {got[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
