@@ -5,8 +5,8 @@ size of the logits; backward only scales it by the incoming gradient (in place).
 the logits is that buffer (which the gradient would occupy anyway) plus one chunk's temporaries,
 whatever the number of tokens; the alternative, recomputing in backward, keeps the same peak but
 pays every exp twice. The costs: the buffer is held from forward to backward, and a second backward
-through the same graph works only with the same incoming gradient (an in-place scale is detected by
-autograd's version check and reported). Double backward is not supported.
+through the same graph works only when the incoming gradient is 1 (any other scale is applied in
+place, which autograd's version check reports). Double backward is not supported.
 
 Communication per chunk is O(C) and O(C·K) numbers (see dense.py and sparse.py); no code path
 gathers the vocabulary.

@@ -161,3 +161,16 @@ def test_ce_alone_needs_no_targets():
     out = distill_loss(student, None, divergence="ce", labels=labels)
     expected = torch.nn.functional.cross_entropy(student, labels)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_second_backward_works_for_unit_gradient_and_is_refused_otherwise():
+    student, teacher = torch.randn(N, V, requires_grad=True), torch.randn(N, V)
+    loss = distill_loss(student, DenseTargets(teacher), divergence="kl").loss
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(student.grad, 2 * first)
+    scaled = 2.0 * distill_loss(student, DenseTargets(teacher), divergence="kl").loss
+    scaled.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scaled.backward()
