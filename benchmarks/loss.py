@@ -40,13 +40,13 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def make_inputs(tokens, vocab, tp, tp_rank, kind, k=32):
+def make_inputs(tokens, vocab, tp, tp_rank, kind, dtype=torch.float32, k=32):
     gen = torch.Generator().manual_seed(1234 + tp_rank)
     local = vocab // tp
-    student = torch.randn(tokens, local, generator=gen) * 2
+    student = (torch.randn(tokens, local, generator=gen) * 2).to(dtype)
     inputs = {"student": student}
     if kind == "dense":
-        inputs["teacher"] = torch.randn(tokens, local, generator=gen) * 2
+        inputs["teacher"] = (torch.randn(tokens, local, generator=gen) * 2).to(dtype)
     else:
         ids_gen = torch.Generator().manual_seed(99)  # identical on every rank
         ids = torch.rand(tokens, vocab, generator=ids_gen).topk(k, dim=-1).indices
@@ -94,15 +94,15 @@ def megatron_ce(inputs, group, kind):
 METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce}
 
 
-def worker(rank, world, tokens, vocab, kind, method, repeats):
+def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
     from pipeline.parallel import ParallelContext
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = ParallelContext.from_env(tp=world)
     group = ctx.tp_group if world > 1 else None
     times, peaks = [], []
     for i in range(repeats + 1):
-        inputs = make_inputs(tokens, vocab, world, rank, kind)
-        logits_bytes = inputs["student"].numel() * 4
+        inputs = make_inputs(tokens, vocab, world, rank, kind, dtype)
+        logits_bytes = inputs["student"].numel() * inputs["student"].element_size()
         base = rss_bytes()
         reset_peak()
         dist.barrier()
@@ -124,10 +124,10 @@ def naive_fits(tokens, vocab, kind, tp) -> bool:
     return per_rank * tp < MEMORY_BUDGET
 
 
-def measure(tokens, vocab, tp, kind, method, repeats):
+def measure(tokens, vocab, tp, kind, method, repeats, dtype):
     if method == "naive" and not naive_fits(tokens, vocab, kind, tp):
         return None
-    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, timeout_s=1800)
+    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, timeout_s=1800)
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
@@ -137,19 +137,23 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the logits' dtype")
+    parser.add_argument("--methods", nargs="+", choices=["ours", "naive"], default=["ours", "naive"])
+    parser.add_argument("--targets", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     # Fixed mmap threshold: freed buffers go back to the OS, so each repeat starts from a true base.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    print(f"N={args.tokens} tokens, fp32 logits, forward KL, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print(f"N={args.tokens} tokens, {args.dtype} logits, forward KL, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     print("| V | tp | targets | method | fwd+bwd s | time / megatron CE | peak extra / logits |")
     print("|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         for tp in args.tp:
-            ce_time, ce_mem = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats)
+            ce_time, ce_mem = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats, dtype)
             print(f"| {vocab} | {tp} | hard labels | megatron_ce | {ce_time:.3f} | 1.00 | {ce_mem:.2f} |", flush=True)
-            for kind in ("sparse", "dense"):
-                for method in ("ours", "naive"):
-                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats)
+            for kind in args.targets:
+                for method in args.methods:
+                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype)
                     label = f"{kind} K=32" if kind == "sparse" else kind
                     if got is None:
                         print(f"| {vocab} | {tp} | {label} | {method} | skipped: over {MEMORY_BUDGET >> 30} GiB | | |")

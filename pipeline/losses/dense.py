@@ -62,17 +62,23 @@ def _log_partition_t1(labels, temp, log_sz, z_top, sums):
 
 
 def _write_grad(grad, exp_z, log_sz, w, sum_w, xf, log_sx, label_rc, weights, counted, shard) -> None:
-    """grad = kd·(W − q·ΣW) + ce·(softmax(x) − onehot(label)), rows that do not count zeroed."""
+    """grad = kd·(W − q·ΣW) + ce·(softmax(x) − onehot(label)), rows that do not count zeroed.
+
+    Written straight into the gradient buffer when its dtype is the compute dtype (no copy pass).
+    """
     kd, ce = weights[:, 0:1], weights[:, 1:2]
-    inv_sz = (-log_sz).exp().unsqueeze(-1)
+    direct = grad.dtype == exp_z.dtype
+    g = grad[:, : shard.width] if direct else torch.empty_like(exp_z)
     if w is not None:
-        g = w.sub_(exp_z * (inv_sz * sum_w.unsqueeze(-1))).mul_(kd)
+        q_scale = (-log_sz).exp().unsqueeze(-1) * sum_w.unsqueeze(-1)
+        torch.addcmul(w, exp_z, -q_scale, out=g).mul_(kd)
     else:
-        g = torch.zeros_like(exp_z)
+        g.zero_()
     if log_sx is not None and ce.any():
         g.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce))
         rows, cols = label_rc
         g.index_put_((rows, cols), -ce[rows, 0], accumulate=True)
     g.masked_fill_(~counted.unsqueeze(-1), 0.0)
-    grad[:, : shard.width].copy_(g)
+    if not direct:
+        grad[:, : shard.width].copy_(g)
     grad[:, shard.width:] = 0.0
