@@ -73,7 +73,8 @@ class Settings:
 
     @property
     def has_kd(self) -> bool:
-        return self.divergence.formula is not None and self.kd_weight > 0
+        """Whether a divergence is computed (its value is reported even when its weight is 0)."""
+        return self.divergence.formula is not None
 
 
 def row_max(values: Tensor) -> Tensor:

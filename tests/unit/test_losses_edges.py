@@ -174,3 +174,12 @@ def test_second_backward_works_for_unit_gradient_and_is_refused_otherwise():
     scaled.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         scaled.backward()
+
+
+def test_divergence_is_reported_even_when_its_weight_is_zero():
+    student, teacher = torch.randn(N, V), torch.randn(N, V)
+    labels = torch.randint(0, V, (N,))
+    pure_ce = distill_loss(student, DenseTargets(teacher), divergence="kl", labels=labels, ce_weight=1.0)
+    pure_kd = distill_loss(student, DenseTargets(teacher), divergence="kl", labels=labels, ce_weight=0.0)
+    assert pure_ce.kd.item() == pytest.approx(pure_kd.kd.item(), rel=1e-6) and pure_ce.kd > 0
+    assert pure_ce.loss.item() == pytest.approx(pure_kd.ce.item(), rel=1e-6)
