@@ -36,7 +36,7 @@ def dense_chunk(x, grad, teacher, labels, weights, shard: Shard, cfg: Settings) 
     sums = all_reduce(torch.stack(sums, dim=-1), "sum", shard.group)
     log_sz = sums[:, 0].log()
     log_q = z - (z_top + log_sz).unsqueeze(-1)
-    agree = ((t == t_top.unsqueeze(-1)) & (z == z_top.unsqueeze(-1))).any(dim=-1)
+    agree = _local_agreement(z, t, z_top, t_top)
     parts = [torch.zeros_like(z_top), torch.zeros_like(z_top), agree.to(cfg.dtype)]
     w = None
     if cfg.has_kd:
@@ -52,6 +52,18 @@ def dense_chunk(x, grad, teacher, labels, weights, shard: Shard, cfg: Settings) 
     zero = torch.zeros_like(z_top)
     return torch.stack([torch.where(counted, parts[:, 0], zero).sum(), torch.where(counted, ce, zero).sum(),
                         (counted & parts[:, 2].gt(0)).sum().to(cfg.dtype)])
+
+
+def _local_agreement(z: Tensor, t: Tensor, z_top: Tensor, t_top: Tensor) -> Tensor:
+    """Whether this rank holds the teacher's global argmax and the student's global max sits there.
+
+    Summed over ranks it says whether student and teacher agree on the top token (ties aside).
+    """
+    if t.shape[-1] == 0:
+        return torch.zeros_like(z_top, dtype=torch.bool)
+    local_best = t.argmax(dim=-1, keepdim=True)
+    holds_teacher_top = t.gather(-1, local_best).squeeze(-1) == t_top
+    return holds_teacher_top & (z.gather(-1, local_best).squeeze(-1) == z_top)
 
 
 def _log_partition_t1(labels, temp, log_sz, z_top, sums):
@@ -78,7 +90,8 @@ def _write_grad(grad, exp_z, log_sz, w, sum_w, xf, log_sx, label_rc, weights, co
         g.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce))
         rows, cols = label_rc
         g.index_put_((rows, cols), -ce[rows, 0], accumulate=True)
-    g.masked_fill_(~counted.unsqueeze(-1), 0.0)
+    if not counted.all():
+        g.masked_fill_(~counted.unsqueeze(-1), 0.0)
     if not direct:
         grad[:, : shard.width].copy_(g)
     grad[:, shard.width:] = 0.0
