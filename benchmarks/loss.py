@@ -4,8 +4,8 @@ Baselines, on the same logits: the naive way (gather every vocabulary shard, log
 the divergence with autograd) and megatron-core's vocab_parallel_cross_entropy. Each configuration
 runs in fresh processes (tp of them, gloo) so peak memory is not inherited; peak extra memory is the
 rise of the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the
-level after the inputs exist, as a multiple of this rank's logits. Times are the median of
---repeats runs after one warm-up. Run: .venv/bin/python benchmarks/loss.py [--tokens 8192]
+level after the inputs exist, as a multiple of this rank's logits, from the first run in each
+process. Times are the median of --repeats runs after that first one. Run: .venv/bin/python benchmarks/loss.py [--tokens 8192]
 """
 from __future__ import annotations
 
@@ -95,11 +95,13 @@ METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce}
 
 
 def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
+    """Peak memory from the first run (a fresh process: nothing freed yet to blur the base), then
+    the median time of `repeats` further runs."""
     from pipeline.parallel import ParallelContext
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = ParallelContext.from_env(tp=world)
     group = ctx.tp_group if world > 1 else None
-    times, peaks = [], []
+    times, peak = [], 0.0
     for i in range(repeats + 1):
         inputs = make_inputs(tokens, vocab, world, rank, kind, dtype)
         logits_bytes = inputs["student"].numel() * inputs["student"].element_size()
@@ -109,13 +111,13 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
         start = time.perf_counter()
         METHODS[method](inputs, group, kind)
         elapsed = time.perf_counter() - start
-        peak = peak_rss_bytes() - base
-        del inputs
-        if i:
+        if i == 0:
+            peak = (peak_rss_bytes() - base) / logits_bytes
+        else:
             times.append(elapsed)
-            peaks.append(peak / logits_bytes)
+        del inputs
     ctx.destroy()
-    return statistics.median(times), max(peaks)
+    return statistics.median(times), peak
 
 
 def naive_fits(tokens, vocab, kind, tp) -> bool:
@@ -142,8 +144,6 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    # Fixed mmap threshold: freed buffers go back to the OS, so each repeat starts from a true base.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     print(f"N={args.tokens} tokens, {args.dtype} logits, forward KL, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     print("| V | tp | targets | method | fwd+bwd s | time / megatron CE | peak extra / logits |")
     print("|---|---|---|---|---|---|---|")

@@ -31,7 +31,7 @@ class LossInputError(ValueError):
 
 def _plogratio(prob: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
     """prob·(log_a − log_b), defined as 0 wherever prob is 0 (0·log 0 = 0, never NaN)."""
-    return torch.where(prob > 0, prob * (log_a - log_b), 0.0)
+    return torch.where(prob > 0, (log_a - log_b).mul_(prob), 0.0)
 
 
 def _kl(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
