@@ -97,6 +97,8 @@ METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce}
 def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
     """Peak memory from the first run (a fresh process: nothing freed yet to blur the base), then
     the median time of `repeats` further runs."""
+    import megatron.core.tensor_parallel  # noqa: F401 - imported before measuring, not during
+    import pipeline.losses  # noqa: F401
     from pipeline.parallel import ParallelContext
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = ParallelContext.from_env(tp=world)

@@ -28,7 +28,9 @@ from pipeline.losses.sparse import sparse_chunk
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 * 2**20
-"""Target size of one chunk-sized compute-dtype temporary; sparse chunks hold about 3, dense about 10."""
+"""Largest chunk-sized compute-dtype temporary; sparse chunks hold about 2, dense about 10."""
+CHUNKS_PER_BATCH = 32
+MIN_CHUNK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def distill_loss(student_logits: Tensor, targets, *, divergence: str, tp_group=N
     count = int(valid.sum())
     scale = 1.0 / max(count, 1)
     per_row = torch.tensor([kd_weight * temperature * scale, ce_weight * scale], dtype=dtype, device=valid.device)
-    plan = _Plan(settings, shard, chunk_size or _auto_chunk(local, dtype, dense is not None),
+    plan = _Plan(settings, shard, chunk_size or _auto_chunk(math.prod(lead), local, dtype, dense is not None),
                  valid.reshape(-1, 1).to(dtype) * per_row,
                  None if labels is None else labels.reshape(-1), dense=dense, sparse=sparse)
     loss = _DistillLoss.apply(student_logits, plan, scale)
@@ -204,10 +206,15 @@ def _sampled_rows(targets: tg.SampledTargets, valid):
     return ids, logp, log_rest, "tail"
 
 
-def _auto_chunk(local: int, dtype: torch.dtype, dense: bool) -> int:
-    """Rows per chunk so that one [rows, Vl] temporary is about CHUNK_BYTES (a quarter of it for dense)."""
+def _auto_chunk(rows: int, local: int, dtype: torch.dtype, dense: bool) -> int:
+    """Rows per chunk: one [chunk, Vl] temporary is at most CHUNK_BYTES (a quarter of it for dense),
+    and at most 1/CHUNKS_PER_BATCH of the batch, so that temporaries stay small next to the logits
+    (bf16 logits with fp32 temporaries included); never fewer than MIN_CHUNK_ROWS rows, which keeps
+    the per-chunk overhead (kernel launches, two collectives) small."""
     row_bytes = local * torch.finfo(dtype).bits // 8
-    return max(1, CHUNK_BYTES // (row_bytes * (4 if dense else 1)))
+    by_bytes = max(1, CHUNK_BYTES // (row_bytes * (4 if dense else 1)))
+    by_share = max(MIN_CHUNK_ROWS, math.ceil(rows / CHUNKS_PER_BATCH))
+    return min(by_bytes, by_share)
 
 
 def _output(loss: Tensor, plan: _Plan, count: int, scale: float) -> DistillOutput:
