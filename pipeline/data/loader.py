@@ -1,0 +1,41 @@
+"""A DataLoader over `TokenShardDataset` that knows where it is, for checkpoints.
+
+With worker processes the dataset object in the trainer's process never sees the stream advance, so
+this wrapper records the step of each batch it hands out and saves `next_step = last + 1`. Design
+choice: the position is taken from the batches themselves rather than from counting, so prefetched
+but unconsumed batches are never counted as consumed; the cost is that a restore re-creates the
+workers (and re-reads at most one window per source and worker).
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from pipeline.data.dataset import TokenShardDataset
+
+
+class ResumableLoader:
+    """Iterate batches in step order with `num_workers` processes; `state_dict()` after any batch."""
+
+    def __init__(self, dataset: TokenShardDataset, *, num_workers: int = 0, prefetch_factor: int | None = None,
+                 multiprocessing_context: str | None = None):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
+        self._next_step = dataset.state_dict()["next_step"]
+
+    def __iter__(self):
+        self.dataset.load_state_dict(self.dataset.state_dict(self._next_step))
+        extra = {} if self.num_workers == 0 else {"prefetch_factor": self.prefetch_factor,
+                                                   "multiprocessing_context": self.multiprocessing_context}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **extra)
+        for batch in loader:
+            if batch["step"] != self._next_step:
+                raise RuntimeError(f"data loader yielded step {batch['step']}, expected {self._next_step}")
+            self._next_step = batch["step"] + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict(self._next_step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._next_step = int(state["next_step"])
