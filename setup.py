@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
+    "zstandard>=0.22,<1",
+    "pyarrow>=15,<30",
 ]
 
 EXTRAS = {

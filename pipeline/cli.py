@@ -9,7 +9,9 @@ the cost is that stages import their own dependencies inside their handlers.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import ConfigError, RunConfig, config_reference, dump_yaml, load_config
@@ -24,8 +26,9 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   train      the student learns from token shards and the teacher cache (DeepSpeed ZeRO-3, optional TP)
   eval       perplexity and agreement with the teacher on held-out shards
   export     the student as a Hugging Face checkpoint
-These stages arrive in later versions. Every stage reads a YAML config that overrides can change on
-the command line (section.key=value); `distill config` shows the resolved result.
+`tokenize` and `verify-shards` are here; the other stages arrive in later versions. Every stage
+reads a YAML config that overrides can change on the command line (section.key=value);
+`distill config` shows the resolved result.
 """
 
 
@@ -45,7 +48,107 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a setting; the value is read as YAML (2, 2.0, true, null, js)")
     config.set_defaults(handler=_show_config, parser=config)
+    _add_tokenize(commands)
+    verify = commands.add_parser(
+        "verify-shards", help="check a token-shard folder against its manifest",
+        description="Check every shard of a token-shard folder against manifest.json: presence, unlisted shards, "
+                    "sample and token counts, sha256, decodable samples, duplicate keys, truncated tars. Prints "
+                    "each problem naming its file and exits 1 if there is any, else prints a summary and exits 0.")
+    verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar shards")
+    verify.set_defaults(handler=_verify_shards)
     return parser
+
+
+def _add_tokenize(commands) -> None:
+    tokenize = commands.add_parser("tokenize", help="turn raw text into token shards, or fit a BPE tokenizer",
+                                   description="Train a byte-level BPE tokenizer, or tokenize and pack raw text "
+                                               "into webdataset token shards with a manifest.")
+    steps = tokenize.add_subparsers(dest="step", required=True, metavar="STEP")
+    train = steps.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer and save tokenizer.json",
+                             description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on the "
+                                         "documents of the input files and save it as one tokenizer.json.")
+    _add_input_options(train)
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                       help="vocabulary size, special tokens included (≥ 256 + their number)")
+    train.add_argument("--special-token", action="append", metavar="TOKEN", dest="special_tokens",
+                       help="a special token (repeatable; default: <|endoftext|>, the end-of-document token)")
+    train.add_argument("--out", required=True, metavar="PATH", help="where to write tokenizer.json")
+    train.set_defaults(handler=_train_tokenizer)
+    shard = steps.add_parser(
+        "shard", help="tokenize and pack text into token shards",
+        description="Tokenize the documents of the input files, pack them into windows of seq_len + 1 tokens "
+                    "and write webdataset .tar shards plus manifest.json. Files are processed in parallel, one "
+                    "per worker; rerunning the same command after a crash finishes only the unfinished files "
+                    "and yields the same shards and manifest as an uninterrupted run.")
+    _add_input_options(shard)
+    shard.add_argument("--tokenizer", required=True, metavar="PATH",
+                       help="a tokenizer.json file or a Hugging Face tokenizer folder holding one")
+    shard.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
+    shard.add_argument("--seq-len", type=int, required=True, metavar="N",
+                       help="sequence length; each sample stores N + 1 token ids")
+    shard.add_argument("--packing", choices=("concat", "bestfit"), default="concat",
+                       help="concat: documents joined with EOS and cut into windows, each file's tail dropped; "
+                            "bestfit: best-fit decreasing, documents split only when longer than a window, "
+                            "windows padded with EOS (default: concat)")
+    shard.add_argument("--eos-token", default="<|endoftext|>", metavar="TOKEN",
+                       help="token appended to every document (default: <|endoftext|>)")
+    shard.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes working on input files in parallel (default: 1)")
+    shard.add_argument("--shard-max-bytes", type=int, default=1 << 30, metavar="BYTES",
+                       help="start a new shard once one holds this many bytes (default: 1 GiB)")
+    shard.add_argument("--shard-max-samples", type=int, default=100_000, metavar="N",
+                       help="start a new shard once one holds this many samples (default: 100000)")
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shard.set_defaults(handler=_shard)
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                        help="input files or globs (sorted): .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="JSON field or parquet column holding the text (default: text)")
+    parser.add_argument("--txt-mode", choices=("file", "blocks"), default="file",
+                        help="a .txt file is one document (file) or one per blank-line-separated block "
+                             "(blocks) (default: file)")
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    from tokenization.readers import expand_inputs
+    from tokenization.tokenizer import DEFAULT_EOS, train_tokenizer
+
+    tok = train_tokenizer(expand_inputs(args.input), args.vocab_size, tuple(args.special_tokens or (DEFAULT_EOS,)),
+                          args.out, text_field=args.text_field, txt_mode=args.txt_mode)
+    print(f"wrote {args.out} ({tok.get_vocab_size()} tokens)")
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from tokenization.shards import shard_corpus
+
+    manifest = shard_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len, packing=args.packing,
+                            text_field=args.text_field, txt_mode=args.txt_mode, eos_token=args.eos_token,
+                            workers=args.workers, shard_max_bytes=args.shard_max_bytes,
+                            shard_max_samples=args.shard_max_samples, command=shlex.join(["distill", *args.argv]),
+                            progress=not args.no_progress)
+    print(f"wrote {len(manifest.shards)} shards, {manifest.total_samples} samples, "
+          f"{manifest.total_tokens} tokens to {args.out}")
+
+
+def _verify_shards(args: argparse.Namespace) -> int:
+    from tokenization.errors import TokenizationError
+    from tokenization.format import read_manifest
+    from tokenization.verify import verify_shards
+
+    if not Path(args.folder).is_dir():
+        raise TokenizationError(f"{args.folder}: no such folder")
+    problems = verify_shards(args.folder)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    manifest = read_manifest(args.folder)
+    print(f"{args.folder}: ok ({len(manifest.shards)} shards, {manifest.total_samples} samples, "
+          f"{manifest.total_tokens} tokens)")
+    return 0
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -58,11 +161,18 @@ def _show_config(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `distill` and `python -m pipeline`; returns the exit status (2 for a bad config)."""
+    """Entry point of `distill` and `python -m pipeline`; returns the exit status (2 for bad input or config)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in what a stage writes (the manifest's command line)
+    from tokenization.errors import TokenizationError
+    from tokenization.format import ShardFormatError
+
     try:
-        args.handler(args)
-    except ConfigError as err:
+        return args.handler(args) or 0
+    except (ConfigError, TokenizationError, ShardFormatError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as err:
+        print(f"distill: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2

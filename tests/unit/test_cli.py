@@ -77,7 +77,7 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_help_explains_the_stages_but_offers_only_config(capsys):
+def test_help_explains_the_stages_but_offers_only_config_tokenize_and_verify(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["--help"])
     assert caught.value.code == 0
@@ -86,4 +86,5 @@ def test_help_explains_the_stages_but_offers_only_config(capsys):
         assert f"  {stage} " in text
     commands = text.split("positional arguments:")[1]
     assert "config" in commands and "check a config and print it resolved" in commands
-    assert not any(stage in commands for stage in ("tokenize", "cache", "train", "eval", "export"))
+    assert "tokenize" in commands and "verify-shards" in commands
+    assert not any(stage in commands for stage in ("cache", "train", "eval", "export"))

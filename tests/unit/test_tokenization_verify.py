@@ -1,0 +1,95 @@
+"""verify-shards: a clean folder passes; each kind of damage is reported naming the file; the CLI's exit codes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.cli import main
+from tests.tokenization_corpus import make_documents, write_blocks
+from tokenization import format as fmt
+from tokenization.shards import shard_corpus
+from tokenization.tokenizer import train_tokenizer
+from tokenization.verify import verify_shards
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    for i in range(2):
+        write_blocks(root / f"in{i}.txt", make_documents(80, seed=i))
+    train_tokenizer([root / "in0.txt"], 500, out_path=root / "tok.json", txt_mode="blocks")
+    shard_corpus([str(root / "in*.txt")], root / "tok.json", root / "out", seq_len=32, txt_mode="blocks",
+                 shard_max_samples=10, progress=False)
+    return root
+
+
+@pytest.fixture
+def shards(clean, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean / "out", out)
+    return out
+
+
+def test_clean_folder_passes_and_the_cli_says_so(shards, capsys):
+    assert verify_shards(shards) == []
+    assert main(["verify-shards", str(shards)]) == 0
+    assert capsys.readouterr().out.startswith(f"{shards}: ok (")
+
+
+def test_deleted_shard_and_unlisted_shard(shards, capsys):
+    (shards / "00000-00001.tar").rename(shards / "stray.tar")
+    assert verify_shards(shards) == [f"{shards / 'stray.tar'}: shard not listed in the manifest",
+                                     f"{shards / '00000-00001.tar'}: missing (listed in the manifest)"]
+    assert main(["verify-shards", str(shards)]) == 1
+    assert "00000-00001.tar: missing" in capsys.readouterr().out
+
+
+def test_truncated_tar(shards):
+    path = shards / "00001-00000.tar"
+    path.write_bytes(path.read_bytes()[:3000])
+    problems = verify_shards(shards)
+    assert any(p.startswith(f"{path}: sha256 differs") for p in problems)
+    assert any(p.startswith(f"{path}: truncated or corrupt tar") for p in problems)
+
+
+def test_tar_cut_at_a_member_boundary(shards):
+    path = shards / "00001-00000.tar"
+    path.write_bytes(path.read_bytes()[:512 * 4])
+    assert f"{path}: truncated or corrupt tar (no end-of-archive blocks)" in verify_shards(shards)
+
+
+def test_flipped_byte_is_a_sha256_mismatch(shards):
+    path = shards / "00000-00002.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 1
+    path.write_bytes(bytes(data))
+    assert [p.split(":")[0:2] for p in verify_shards(shards)] == [[str(path), " sha256 differs from the manifest's " +
+                                                                  fmt.read_manifest(shards).shards[2].sha256[:16] + "…"]]
+
+
+def test_count_mismatch_duplicate_key_and_undecodable_sample(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["shards"][1]["tokens"] -= 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    import webdataset as wds
+
+    copy = shards / "00001-00000.tar"
+    sample = next(iter(wds.WebDataset(str(shards / "00000-00000.tar"), shardshuffle=False)))
+    with wds.TarWriter(str(copy), encoder=False) as writer:
+        writer.write({"__key__": sample["__key__"], "tokens.npy": sample["tokens.npy"], "segments.npy": b"junk"})
+    problems = verify_shards(shards)
+    assert any("00000-00000.tar: 10 readable samples, the manifest lists 11" in p for p in problems)
+    assert any("00000-00001.tar: " in p and "tokens, the manifest lists" in p for p in problems)
+    assert any(f"00001-00000.tar: duplicate key {sample['__key__']!r}" in p for p in problems)
+    assert any("00001-00000.tar: sample" in p and "undecodable member" in p for p in problems)
+
+
+def test_unreadable_manifest_is_one_problem_and_missing_folder_exits_2(shards, tmp_path, capsys):
+    (shards / "manifest.json").write_text("{")
+    assert verify_shards(shards) == [f"{shards / 'manifest.json'}: not valid JSON " +
+                                     verify_shards(shards)[0].split("not valid JSON ")[1]]
+    assert main(["verify-shards", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("distill: error: ")
