@@ -1,24 +1,52 @@
-"""Reader throughput of pipeline.data on one core, against plain webdataset iteration in the same run.
+"""Data-path throughput: the tokenizer (tokenization/) and the reader (pipeline.data), each against a baseline
+measured in the same run.
 
-Writes a synthetic token-shard folder (default ~200 MB: seq_len 2048, uint16 ids, 1000-sample shards)
-to a temporary directory, then times, in this process with one torch thread:
+`--part tokenize`: writes a deterministic synthetic English-like corpus (default ~32 MB in 4 jsonl files,
+Zipf-distributed pseudo-words in sentences and paragraphs; no downloads) to a temporary directory, trains a
+byte-level BPE tokenizer (`train_tokenizer`, default vocab 8192) on the first file, then times:
+- **raw encoder**: `tokenizers`' `encode_batch_fast` (or `encode_batch`) on the same documents, held in
+  memory, in batches of `shards.ENCODE_BATCH`, in this process (the floor of what tokenizing costs);
+- **shard_corpus**: the whole pipeline (read jsonl, tokenize, add EOS, concat-pack, write fsynced tar
+  shards, manifest) on the same files with workers=1, and optionally workers=2 (tokens/s per worker).
+Both sides run with the same `RAYON_NUM_THREADS` (default 1; set before `tokenizers` is imported) and
+`TOKENIZERS_PARALLELISM=true`, so "per worker" means per tokenizer thread. Target: ≥ 0.8 × raw per worker.
+
+`--part read`: writes a synthetic token-shard folder (default ~200 MB: seq_len 2048, uint16 ids,
+1000-sample shards) to a temporary directory, then times, in this process with one torch thread:
 - **ours**: `TokenShardDataset` (shuffled shard order and windows, DP rank 0 of 1, no sidecar, no
   workers), decoding to int64 `[B, seq_len+1]` tensors;
 - **baseline**: `webdataset.WebDataset(urls, shardshuffle=False)` with `np.load` of each sample's tokens
   (no batching, no shuffling, no tensors), the floor of what reading these tars costs.
 Each is run once to warm the page cache, then timed over one epoch.
-Run: .venv/bin/python benchmarks/data.py [--megabytes 200] [--seq-len 2048]
-(The tokenizer-throughput half of this benchmark belongs with tokenization/ and is not here yet.)
+
+Run: .venv/bin/python benchmarks/data.py [--part tokenize|read|all] [--corpus-mb 32] [--threads 1]
+     [--workers 1,2] [--megabytes 200] [--seq-len 2048]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _threads_from_argv() -> str:
+    """`--threads` must reach the environment before `tokenizers` (and its rayon pool) is imported."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "1"
+
+
+os.environ["RAYON_NUM_THREADS"] = _threads_from_argv()
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
 import numpy as np
 import torch
@@ -26,7 +54,131 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.data import TokenShardDataset
 from tests.shardmaker import make_token_shards
+from tokenization.readers import iter_documents
+from tokenization.shards import ENCODE_BATCH, shard_corpus
+from tokenization.tokenizer import load_tokenizer, train_tokenizer
 
+_COMMON = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by",
+           "at", "this", "are", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all",
+           "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if",
+           "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new",
+           "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like",
+           "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must",
+           "through"]
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "th", "st",
+           "ch", "sh", "pr", "tr", "gr", "bl", "str"]
+_VOWELS = ["a", "e", "i", "o", "u", "ea", "ou", "io", "ai", "y"]
+_CODAS = ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng", "ck", "rt", "ed", "ing", "ly", "tion"]
+
+
+# --- tokenization half -------------------------------------------------------------------------------------
+
+def make_lexicon(rng: np.random.Generator, size: int) -> tuple[list[str], np.ndarray]:
+    """Common English words then syllable-built pseudo-words, with Zipf-like sampling weights."""
+    words, seen = list(_COMMON), set(_COMMON)
+    while len(words) < size:
+        parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                 for _ in range(int(rng.integers(1, 4)))]
+        word = "".join(parts) + _CODAS[rng.integers(len(_CODAS))]
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    weights = 1.0 / (np.arange(size) + 2.7)
+    return words, weights / weights.sum()
+
+
+def make_document(rng: np.random.Generator, lexicon: list[str], weights: np.ndarray, target_chars: int) -> str:
+    """Paragraphs of capitalised sentences with commas, numbers now and then, ending in . ? or !"""
+    ids = rng.choice(len(lexicon), size=target_chars // 5 + 8, p=weights)
+    paragraphs, sentence_words, pos = [], [], 0
+    while pos < len(ids) - 4:
+        n = int(rng.integers(4, 25))
+        words = [lexicon[i] for i in ids[pos:pos + n]]
+        pos += n
+        if rng.random() < 0.3:
+            words[int(rng.integers(len(words)))] += ","
+        if rng.random() < 0.1:
+            words.insert(int(rng.integers(len(words))), str(int(rng.integers(1, 2100))))
+        sentence_words.append(" ".join(words).capitalize() + ".?!"[int(rng.choice(3, p=[0.9, 0.06, 0.04]))])
+        if rng.random() < 0.2:
+            paragraphs.append(" ".join(sentence_words))
+            sentence_words = []
+    paragraphs.append(" ".join(sentence_words))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def make_corpus(folder: Path, megabytes: float, files: int, seed: int = 0) -> list[str]:
+    """`files` jsonl files of about `megabytes` MB in all, the same bytes for the same arguments."""
+    rng = np.random.default_rng(seed)
+    lexicon, weights = make_lexicon(rng, 20000)
+    paths, per_file = [], int(megabytes * 2**20 / files)
+    for index in range(files):
+        path = folder / f"corpus-{index:02d}.jsonl"
+        written = 0
+        with open(path, "w", encoding="utf-8") as out:
+            while written < per_file:
+                text = make_document(rng, lexicon, weights, int(rng.lognormal(8.0, 0.8)))
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                out.write(line)
+                written += len(line)
+        paths.append(str(path))
+    return paths
+
+
+def encode_raw(tokenizer_path: Path, files: list[str]) -> tuple[float, int, int]:
+    """(seconds, documents, tokens) of the bare batch encoder over every document, texts already in memory."""
+    tok = load_tokenizer(tokenizer_path)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    docs = [d for path in files for d in iter_documents(path) if d]
+    encode(docs[:64], add_special_tokens=False)  # warm-up: first-call costs out of the timing
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(docs), ENCODE_BATCH):
+        tokens += sum(len(e.ids) for e in encode(docs[i:i + ENCODE_BATCH], add_special_tokens=False))
+    return time.perf_counter() - start, len(docs), tokens
+
+
+def encode_pipeline(tokenizer_path: Path, files: list[str], out_dir: Path, workers: int,
+                    seq_len: int) -> tuple[float, int, int]:
+    """(seconds, documents, tokens) of `shard_corpus` end to end into a fresh folder; tokens include EOS."""
+    start = time.perf_counter()
+    manifest = shard_corpus(files, tokenizer_path, out_dir, seq_len=seq_len, workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    documents = manifest.extra["documents"]
+    tokens = sum(e.tokens for e in manifest.shards) + manifest.extra["dropped_tokens"]
+    return seconds, documents, tokens - documents  # EOS ids are not the encoder's output: compare like with like
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    import tokenizers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        files = make_corpus(Path(tmp), args.corpus_mb, args.corpus_files)
+        size = sum(Path(f).stat().st_size for f in files)
+        print(f"wrote {len(files)} jsonl files, {size / 2**20:.1f} MB in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        tokenizer_path = Path(tmp) / "tokenizer.json"
+        train_tokenizer(files[:1], args.vocab_size, out_path=tokenizer_path)
+        print(f"trained byte-level BPE, vocab {args.vocab_size}, on {files[0].rsplit('/', 1)[-1]} "
+              f"in {time.perf_counter() - start:.1f} s")
+        rows = [("raw encode_batch", 1, *encode_raw(tokenizer_path, files))]
+        for workers in args.workers:
+            rows.append((f"shard_corpus workers={workers}", workers,
+                         *encode_pipeline(tokenizer_path, files, Path(tmp) / f"out-{workers}", workers, args.seq_len)))
+    base = rows[0][4] / rows[0][2]
+    print(f"RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}, TOKENIZERS_PARALLELISM=true, "
+          f"batch {ENCODE_BATCH} documents, seq_len {args.seq_len} (concat), tokenizers {tokenizers.__version__}, "
+          f"{size / 2**20:.1f} MB")
+    print("| side | workers | documents | tokens | s | tokens/s | tokens/s per worker | per worker / raw |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, workers, seconds, documents, tokens in rows:
+        rate = tokens / seconds
+        print(f"| {name} | {workers} | {documents} | {tokens} | {seconds:.2f} | {rate:,.0f} | {rate / workers:,.0f} "
+              f"| {rate / workers / base:.2f} |")
+
+
+# --- reader half -------------------------------------------------------------------------------------------
 
 def read_ours(folder: Path, micro_batch: int) -> tuple[int, int]:
     dataset = TokenShardDataset(str(folder), micro_batch=micro_batch, dp_rank=0, dp_size=1, seed=0, max_epochs=1)
@@ -54,13 +206,7 @@ def timed(fn, folder: Path, micro_batch: int) -> tuple[float, int, int]:
     return time.perf_counter() - start, samples, tokens
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=float, default=200)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--shard-samples", type=int, default=1000)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    args = parser.parse_args()
+def run_read(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     sample_bytes = 2 * (args.seq_len + 1) + 2048  # ids + .npy headers + tar headers and padding, roughly
     total = int(args.megabytes * 2**20 / sample_bytes)
@@ -81,6 +227,26 @@ def main() -> None:
     for name, seconds, samples, tokens in rows:
         print(f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:,.0f} | {tokens / seconds:,.0f} | "
               f"{tokens / seconds / base:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("tokenize", "read", "all"), default="all")
+    parser.add_argument("--corpus-mb", type=float, default=32, help="tokenize: synthetic corpus size")
+    parser.add_argument("--corpus-files", type=int, default=4, help="tokenize: jsonl files (≥ workers)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokenize: BPE vocabulary")
+    parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[1, 2],
+                        help="tokenize: comma-separated shard_corpus worker counts")
+    parser.add_argument("--threads", type=int, default=1, help="tokenize: RAYON_NUM_THREADS for both sides")
+    parser.add_argument("--megabytes", type=float, default=200, help="read: synthetic shard folder size")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--shard-samples", type=int, default=1000, help="read: samples per shard")
+    parser.add_argument("--micro-batch", type=int, default=8, help="read: samples per batch")
+    args = parser.parse_args()
+    if args.part in ("tokenize", "all"):
+        run_tokenize(args)
+    if args.part in ("read", "all"):
+        run_read(args)
 
 
 if __name__ == "__main__":
