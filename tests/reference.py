@@ -3,7 +3,8 @@
 The references are written from the definitions over the full, gathered vocabulary with plain
 autograd, sharing no code with pipeline/losses, so that a shared mistake cannot hide. A case is a
 pure function of its parameters, so the parent process and every rank of a distributed run rebuild
-identical tensors from it and each rank slices out its own vocabulary shard.
+identical tensors from it and each rank slices out its own vocabulary shard. `run_case` and
+`assert_matches_reference` are the one-rank run and the check shared by the tp = 1 and dist tiers.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.losses import DenseTargets, SampledTargets, SparseTargets
+from pipeline.losses import DenseTargets, SampledTargets, SparseTargets, distill_loss
 
 FLOOR = -100.0  # the documented floor on teacher log-probs in reverse-direction terms
 
@@ -163,3 +164,34 @@ def all_cases() -> list[Case]:
               Case("ce", "none", masked=True), Case("js", "tail", params=(("beta", 0.85),), seed=3),
               Case("skew_kl", "dense", params=(("alpha", 0.0),)), Case("skew_rkl", "tail", params=(("alpha", 0.0),))]
     return cases
+
+
+def run_case(case, group, tp_rank: int, tp: int, chunk_size=None) -> dict:
+    """This rank's part of one case: its loss, detached parts and gradient shard."""
+    inputs = full_inputs(case)
+    width = case.padded_vocab // tp
+    lo, hi = tp_rank * width, (tp_rank + 1) * width
+    student = inputs["student"][:, lo:hi].float().requires_grad_()
+    labels = inputs["labels"] if uses_labels(case) else None
+    out = distill_loss(student, shard_targets(case, inputs, lo, hi), divergence=case.divergence, tp_group=group,
+                       temperature=case.temperature, labels=labels, loss_mask=inputs["mask"],
+                       ce_weight=case.ce_weight, vocab_size=case.vocab, chunk_size=chunk_size, **dict(case.params))
+    out.loss.backward()
+    return {"loss": out.loss.item(), "kd": out.kd.item(), "ce": out.ce.item(),
+            "top1": out.metrics["top1_agreement"].item(), "grad": student.grad}
+
+
+def assert_matches_reference(case, per_rank: list[dict]) -> None:
+    inputs = full_inputs(case)
+    student = inputs["student"].clone().requires_grad_()
+    ref = reference_loss(case, inputs, student)
+    ref["loss"].backward()
+    grad = torch.cat([r["grad"] for r in per_rank], dim=-1).double()
+    for r in per_rank:
+        assert r["loss"] == per_rank[0]["loss"], "every TP rank must return the same loss"
+        torch.testing.assert_close(torch.tensor(r["loss"], dtype=torch.float64), ref["loss"].detach(), rtol=1e-5, atol=1e-7)
+        if uses_labels(case):
+            torch.testing.assert_close(torch.tensor(r["ce"], dtype=torch.float64), ref["ce"], rtol=1e-5, atol=1e-7)
+    scale = student.grad.abs().max().item()
+    torch.testing.assert_close(grad, student.grad, rtol=1e-5, atol=1e-5 * scale)
+    assert grad[:, case.vocab:].abs().max() == 0, "padded vocabulary entries must get no gradient"

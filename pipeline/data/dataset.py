@@ -81,7 +81,7 @@ class _SourceStream:
                 raw["__where__"] = where
             for prefix, side, index in self.sidecars:
                 side_shard = index[shard]
-                for raw, extra in zip(raws, self._reader(prefix, side, side_shard, offset).take(count)):
+                for raw, extra in zip(raws, self._reader(prefix, side, side_shard, offset).take(count), strict=True):
                     join_sample(raw, extra, prefix=prefix, where=side.where(side_shard))
             samples.extend(raws)
         return samples

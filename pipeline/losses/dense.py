@@ -39,7 +39,7 @@ def dense_chunk(x, grad, teacher, labels, weights, shard: Shard, cfg: Settings) 
     agree = _local_agreement(z, t, z_top, t_top)
     parts = [torch.zeros_like(z_top), torch.zeros_like(z_top), agree.to(cfg.dtype)]
     w = None
-    if cfg.has_kd:
+    if cfg.has_divergence:
         log_p = t - (t_top + sums[:, 1].log()).unsqueeze(-1)
         terms, w = outcome_terms(cfg.divergence, cfg.params, log_p, log_q)
         parts[:2] = [terms.sum(dim=-1), w.sum(dim=-1)]

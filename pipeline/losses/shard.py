@@ -72,7 +72,7 @@ class Settings:
     dtype: torch.dtype
 
     @property
-    def has_kd(self) -> bool:
+    def has_divergence(self) -> bool:
         """Whether a divergence is computed (its value is reported even when its weight is 0)."""
         return self.divergence.formula is not None
 

@@ -34,7 +34,7 @@ def sparse_chunk(x, grad, ids, logp, log_rest, mode, labels, weights, shard: Sha
     z = xf / temp if temp != 1.0 else xf
     top = all_reduce(row_max(z), "max", shard.group)
     z_at, (rows, slots, cols) = gather_owned(z, ids, shard)
-    exp_rest = _exp_scratch(z, top, grad, shard, cfg.dtype)
+    exp_rest, in_grad = _exp_scratch(z, top, grad, shard, cfg.dtype)
     exp_rest[rows, cols] = 0.0
     packed = [z_at, exp_rest.sum(dim=-1, keepdim=True)]
     label_rc = None
@@ -49,20 +49,20 @@ def sparse_chunk(x, grad, ids, logp, log_rest, mode, labels, weights, shard: Sha
     ce = _cross_entropy(out["log_s"], top, packed, k, temp) if labels is not None else torch.zeros_like(top)
     counted = weights[:, 0].ne(0) | weights[:, 1].ne(0)
     if grad is not None:
-        _write_grad(grad, exp_rest, xf, out, weights, (rows, slots, cols), label_rc, packed, top, shard, cfg)
+        _write_grad(grad, exp_rest, in_grad, xf, out, weights, (rows, slots, cols), label_rc, packed, top, shard, cfg)
     zero = torch.zeros_like(top)
     return torch.stack([torch.where(counted, out["div"], zero).sum(), torch.where(counted, ce, zero).sum(),
                         (counted & out["agree"]).sum().to(top.dtype)])
 
 
-def _exp_scratch(z: Tensor, top: Tensor, grad, shard: Shard, dtype) -> Tensor:
-    """exp(z − max) for the real columns, in the gradient buffer itself when its dtype allows."""
+def _exp_scratch(z: Tensor, top: Tensor, grad, shard: Shard, dtype) -> tuple[Tensor, bool]:
+    """exp(z − max) for the real columns, and whether it lives in the gradient buffer itself
+    (it does when the buffer's dtype is the compute dtype, saving a temporary and a copy)."""
     if grad is not None and grad.dtype == dtype:
         scratch = grad[:, : shard.width]
         torch.sub(z, top.unsqueeze(-1), out=scratch)
-    else:
-        scratch = z - top.unsqueeze(-1)
-    return scratch.exp_()
+        return scratch.exp_(), True
+    return (z - top.unsqueeze(-1)).exp_(), False
 
 
 def _exp_sum(values: Tensor, shift: Tensor) -> Tensor:
@@ -78,7 +78,7 @@ def _coarse(z_at, top, sum_rest, ids, logp, log_rest, mode, cfg: Settings) -> di
     teacher = torch.where(present, logp.to(cfg.dtype), NEG_INF)
     out = {"log_s": log_s, "log_e": log_e, "agree": _agreement(teacher, z_at, top, present)}
     zeros = torch.zeros_like(top)
-    if not cfg.has_kd:
+    if not cfg.has_divergence:
         out.update(div=zeros, val=torch.zeros_like(z_at), coef=zeros)
     elif mode == "tail":
         log_q = torch.cat([log_e - log_s.unsqueeze(-1), (log_rest_e - log_s).unsqueeze(-1)], dim=-1)
@@ -112,7 +112,7 @@ def _cross_entropy(log_s, top, packed, k, temp) -> Tensor:
     return packed[:, k + 2].log() + top * temp - x_label
 
 
-def _write_grad(grad, exp_rest, xf, out, weights, owned, label_rc, packed, top, shard, cfg) -> None:
+def _write_grad(grad, exp_rest, in_grad, xf, out, weights, owned, label_rc, packed, top, shard, cfg) -> None:
     """grad = KD and CE gradients of this chunk's rows, scaled by `weights`, in grad's dtype."""
     rows, slots, cols = owned
     kd, ce = weights[:, 0], weights[:, 1]
@@ -132,6 +132,6 @@ def _write_grad(grad, exp_rest, xf, out, weights, owned, label_rc, packed, top, 
             exp_rest.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce.unsqueeze(-1)))
         lab_rows, lab_cols = label_rc
         exp_rest.index_put_((lab_rows, lab_cols), -ce[lab_rows], accumulate=True)
-    if exp_rest.data_ptr() != grad.data_ptr():
+    if not in_grad:
         grad[:, : shard.width].copy_(exp_rest)
     grad[:, shard.width:] = 0.0

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from pipeline.losses import distill_loss
-from tests.dist.test_losses_dist import assert_matches_reference, run_case
-from tests.reference import all_cases, full_inputs, shard_targets, uses_labels
+from tests.reference import all_cases, assert_matches_reference, full_inputs, run_case, shard_targets, uses_labels
 
 CASES = all_cases()
 
