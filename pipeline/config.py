@@ -19,7 +19,8 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
                                   dump_yaml, from_dict, greater_than, in_range, load_config, non_negative,
                                   positive, section, setting)
 
-__all__ = ["COMMAND_LINE", "Check", "ConfigError", "DivergenceName", "LossConfig", "ParallelConfig", "RunConfig",
+__all__ = ["COMMAND_LINE", "Check", "ComputeConfig", "ConfigError", "DivergenceName", "LossConfig", "ModelConfig",
+           "ParallelConfig", "RunConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -82,6 +83,84 @@ class LossConfig:
         if self.divergence in ("skew_kl", "skew_rkl"):
             return {"alpha": self.alpha}
         return {}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder's architecture: the fields of a Hugging Face config.json, under our names."""
+
+    architecture: Literal["llama", "qwen2", "mistral"] = setting(
+        "llama", "Model family, which fixes the Hugging Face class written on export: llama "
+                 "(LlamaForCausalLM), qwen2 (Qwen2ForCausalLM, has QKV bias) or mistral (MistralForCausalLM).")
+    vocab_size: int = setting(32000, "Token ids the model scores: the tokenizer's vocabulary size. Padded at run "
+                                     "time to a multiple of compute.vocab_multiple × tp; padded ids get no "
+                                     "probability.", positive)
+    hidden_size: int = setting(512, "Width of the residual stream (H).", positive)
+    intermediate_size: int = setting(1408, "Width of the SwiGLU feed-forward layer.", positive)
+    num_layers: int = setting(8, "Transformer layers.", positive)
+    num_heads: int = setting(8, "Query heads; tp must divide it.", positive)
+    num_kv_heads: Optional[int] = setting(
+        None, "Key/value heads (grouped-query attention); null means num_heads (plain multi-head). Must divide "
+              "num_heads; tp must divide it or be a multiple of it.", positive)
+    head_dim: Optional[int] = setting(None, "Width of one head; null means hidden_size / num_heads.", positive)
+    rope_theta: float = setting(10000.0, "Base period of the rotary position embedding.", positive)
+    rope_scaling: Literal["none", "llama3", "linear"] = setting(
+        "none", "Rotary frequency scaling for long context: llama3 (Llama 3.1+ smooth per-frequency scaling "
+                "with the rope_* factors below), linear (positions divided by rope_factor) or none.")
+    rope_factor: float = setting(8.0, "Scaling factor of rope_scaling (unused with none).", at_least(1))
+    rope_low_freq_factor: float = setting(1.0, "llama3 scaling: wavelengths above original/low are divided by "
+                                               "rope_factor.", positive)
+    rope_high_freq_factor: float = setting(4.0, "llama3 scaling: wavelengths below original/high are kept.",
+                                           positive)
+    rope_original_max_positions: int = setting(8192, "llama3 scaling: the context length the model was "
+                                                     "pretrained at.", positive)
+    norm_eps: float = setting(1e-5, "Epsilon of every RMSNorm.", positive)
+    tie_embeddings: bool = setting(False, "Share the input embedding with the output layer (no lm_head tensor).")
+    qkv_bias: bool = setting(False, "Bias on the query, key and value projections (true for qwen2).")
+    sliding_window: Optional[int] = setting(
+        None, "Mistral-style sliding-window attention: each token sees at most this many positions back "
+              "(itself included); null for full causal attention.", positive)
+    max_position_embeddings: int = setting(4096, "Longest sequence the model is declared for (recorded on "
+                                                 "export; rotary embeddings have no table to outgrow).", positive)
+    init_std: float = setting(0.02, "Standard deviation of the normal initialisation of a new model.", positive)
+
+    def __post_init__(self) -> None:
+        kv_heads = self.kv_heads
+        if self.num_heads % kv_heads:
+            raise ConfigError("num_kv_heads", f"must divide num_heads={self.num_heads}, got {kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError("head_dim", f"is null, so num_heads={self.num_heads} must divide "
+                                          f"hidden_size={self.hidden_size}; set head_dim explicitly")
+        if self.head_size % 2:
+            raise ConfigError("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
+        if self.architecture == "qwen2" and not self.qkv_bias:
+            raise ConfigError("qkv_bias", "qwen2 models have QKV bias; set qkv_bias: true")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How a model is computed on this job's devices; none of it changes the architecture or the weights."""
+
+    attention: Literal["auto", "sdpa", "flash"] = setting(
+        "auto", "Attention kernel. flash = flash-attn (CUDA, fp16/bf16, needs the gpu extra); sdpa = torch's "
+                "scaled_dot_product_attention (everywhere); auto = flash when installed and usable, else sdpa.")
+    document_masking: bool = setting(
+        False, "Stop attention at document boundaries inside a packed sample, and restart positions at each "
+               "document, so each document is computed as if alone. Costs a mask per sample with sdpa.")
+    dtype: Literal["auto", "float32", "bfloat16"] = setting(
+        "auto", "Parameter and activation dtype. auto = bfloat16 on CUDA, float32 on CPU. Reductions over the "
+                "vocabulary stay in float32 whatever this is.")
+    vocab_multiple: int = setting(
+        128, "The vocabulary is padded to a multiple of vocab_multiple × tp, for kernel-friendly shapes and an "
+             "even split over tensor-parallel ranks.", positive)
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,10 @@ def from_dict(cls: type, data: Any, *, key: str = "") -> Any:
             values[spec.name] = _coerce(data[spec.name], hints[spec.name], dotted, spec.metadata.get("check"))
         elif spec.init and spec.default is MISSING and spec.default_factory is MISSING:
             raise ConfigError(dotted, "required key is missing")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a cross-field check in __post_init__ names its key within the section
+        raise ConfigError(_join(key, err.key), err.problem, err.source) from None
 
 
 def _coerce(value: Any, hint: Any, key: str, check: Check | None) -> Any:

@@ -1,0 +1,180 @@
+"""Builds a Llama-family decoder as a megatron-core `GPTModel` whose logits stay split over the vocabulary.
+
+The layer is megatron-core's own `TransformerLayer` with its tensor-parallel pieces (fused QKV
+`ColumnParallelLinear`, `RowParallelLinear` projections, gated `MLP` for SwiGLU, `VocabParallelEmbedding`
+and a column-parallel output layer), assembled from a spec written here rather than megatron's stock
+specs, so three parts can be ours: RMSNorm computed as Hugging Face computes it (float32 statistics),
+the core attention of `attention.py`, and the CPU-capable rotary embedding of `rotary.py`. Nothing in
+the installed megatron-core is patched; the rotary module is swapped on the built model instance.
+
+`LlamaGPT.forward(tokens, document_ids=None)` returns `[B, S, Vl]` logits for this TP rank's slice of
+the padded vocabulary (`ParallelContext.vocab_range`), ready for `distill_loss`.
+
+Design choice: on CPU megatron initialises each weight as the full matrix and keeps this rank's slice,
+so a new model is the same at every TP size for one seed (the student trainer's TP=1-equals-TP=2
+check relies on it); the cost is a full-size temporary per weight at build time, which is why an
+import builds with `initialize=False` and fills the slices from the checkpoint instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from pipeline.config import ComputeConfig, ModelConfig
+from pipeline.model.attention import Backend, CoreAttention, resolve_backend
+from pipeline.model.layout import check_tp
+from pipeline.model.rotary import RotaryEmbedding
+from pipeline.parallel import ParallelContext
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with float32 statistics and the weight applied in the input dtype, as Hugging Face does."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
+                                              device="cpu" if config.use_cpu_initialization else "cuda"))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        as_float = hidden.float()
+        normed = as_float * torch.rsqrt(as_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(hidden.dtype)
+
+
+def compute_dtype(compute: ComputeConfig, device: torch.device) -> torch.dtype:
+    """The parameter dtype `compute.dtype` means on `device`."""
+    if compute.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, compute.dtype)
+
+
+def transformer_config(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, *,
+                       initialize: bool = True) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `cfg` at this job's TP size, with every fusion off."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_heads, num_query_groups=cfg.kv_heads, kv_channels=cfg.head_size,
+        normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_std,
+        tensor_model_parallel_size=ctx.tp_size, sequence_parallel=False,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=ctx.device.type == "cpu", perform_initialization=initialize,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+    )
+
+
+def layer_spec(cfg: ModelConfig, backend: Backend) -> TransformerBlockSubmodules:
+    """The block spec: megatron's TransformerLayer with our norm and core attention, then a final RMSNorm."""
+    attention = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                           submodules=SelfAttentionSubmodules(
+                               linear_qkv=ColumnParallelLinear,
+                               core_attention=ModuleSpec(module=CoreAttention, params={
+                                   "backend": backend, "sliding_window": cfg.sliding_window}),
+                               linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                          linear_fc2=RowParallelLinear))
+    layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=RMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
+    return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers, layer_norm=RMSNorm)
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """Positions `[B, S]` restarting at 0 at each document start (documents are contiguous runs of one id)."""
+    batch, seq_len = document_ids.shape
+    index = torch.arange(seq_len, device=document_ids.device).expand(batch, seq_len)
+    is_start = torch.ones_like(document_ids, dtype=torch.bool)
+    is_start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_of = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_of
+
+
+class LlamaGPT(GPTModel):
+    """megatron-core GPTModel for a Llama-family config: vocab-parallel logits, optional document masking."""
+
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *, initialize: bool = True):
+        device = ctx.device
+        check_tp(cfg, ctx.tp_size, device.type)
+        dtype = compute_dtype(compute, device)
+        self.model_config, self.compute_config = cfg, compute
+        self.attention_backend = resolve_backend(compute.attention, device, dtype)
+        self.padded_vocab = ctx.padded_vocab_size(cfg.vocab_size, compute.vocab_multiple)
+        super().__init__(config=transformer_config(cfg, ctx, dtype, initialize=initialize),
+                         transformer_layer_spec=layer_spec(cfg, self.attention_backend),
+                         vocab_size=self.padded_vocab, max_sequence_length=cfg.max_position_embeddings,
+                         parallel_output=True, share_embeddings_and_output_weights=cfg.tie_embeddings,
+                         position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
+        self.rotary_pos_emb = RotaryEmbedding(cfg).to(device)
+        if initialize:
+            self._zero_padded_vocab(ctx)
+
+    @torch.no_grad()
+    def _zero_padded_vocab(self, ctx: ParallelContext) -> None:
+        """Rows of padded ids get zero weights, so their logits are exactly 0 until trained (the loss masks them)."""
+        start, end = ctx.vocab_range(self.padded_vocab)
+        first_padded = max(self.model_config.vocab_size - start, 0)
+        for weight in {id(w): w for w in self._vocab_weights()}.values():
+            weight[first_padded:] = 0
+
+    def _vocab_weights(self) -> list[Tensor]:
+        weights = [self.embedding.word_embeddings.weight]
+        if not self.share_embeddings_and_output_weights:
+            weights.append(self.output_layer.weight)
+        return weights
+
+    def document_ids(self, segments: Tensor, seq_len: int) -> Optional[Tensor]:
+        """Document ids for `forward` from a batch's segment starts when `compute.document_masking` is on,
+        else None (attention then runs across the documents packed into a sample)."""
+        if not self.compute_config.document_masking:
+            return None
+        return document_ids_from_segments(segments.to(self.embedding.word_embeddings.weight.device), seq_len)
+
+    def forward(self, tokens: Tensor, document_ids: Optional[Tensor] = None, **unused) -> Tensor:
+        """`[B, S, Vl]` logits of this TP rank's vocabulary slice for tokens `[B, S]`.
+
+        With `document_ids` `[B, S]` (equal within a document, see `document_ids_from_segments`),
+        attention stops at document boundaries and positions restart at each document.
+        """
+        if unused:
+            raise TypeError(f"LlamaGPT.forward takes tokens and document_ids, not {sorted(unused)}")
+        positions = None if document_ids is None else document_positions(document_ids)
+        self.rotary_pos_emb.set_positions(positions)
+        try:
+            return super().forward(input_ids=tokens, position_ids=positions, attention_mask=document_ids)
+        finally:
+            self.rotary_pos_emb.set_positions(None)
+
+
+def document_ids_from_segments(segments: Tensor, seq_len: int) -> Tensor:
+    """Document ids `[B, seq_len]` from the data reader's segment starts `[B, S]` (−1 padded).
+
+    Positions from one start up to the next share an id; positions past the sample's end (never the
+    case for packed samples) continue the last document.
+    """
+    index = torch.arange(seq_len, device=segments.device)
+    starts = torch.where(segments < 0, torch.full_like(segments, seq_len + 1), segments)
+    return (index[None, :, None] >= starts[:, None, :]).sum(-1) - 1
+
+
+def build_model(cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *,
+                initialize: bool = True) -> LlamaGPT:
+    """A new model on `ctx.device`, this rank's TP slices only; random weights (seeded by `ctx.seed`)
+    unless `initialize=False`, for a caller that fills every tensor (an import)."""
+    return LlamaGPT(cfg, compute, ctx, initialize=initialize)
