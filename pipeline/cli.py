@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.cli_model import add_model_commands
 from pipeline.config import ConfigError, RunConfig, config_reference, dump_yaml, load_config
 
 DESCRIPTION = """\
@@ -26,7 +28,9 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   train      the student learns from token shards and the teacher cache (DeepSpeed ZeRO-3, optional TP)
   eval       perplexity and agreement with the teacher on held-out shards
   export     the student as a Hugging Face checkpoint
-`tokenize` and `verify-shards` are here; the other stages arrive in later versions. Every stage
+  convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
+  inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
+`tokenize`, `verify-shards`, `convert` and `inspect` are here; the other stages arrive in later versions. Every stage
 reads a YAML config that overrides can change on the command line (section.key=value);
 `distill config` shows the resolved result.
 """
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "each problem naming its file and exits 1 if there is any, else prints a summary and exits 0.")
     verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar shards")
     verify.set_defaults(handler=_verify_shards)
+    add_model_commands(commands)
     return parser
 
 
@@ -163,16 +168,21 @@ def _show_config(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `distill` and `python -m pipeline`; returns the exit status (2 for bad input or config)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # megatron-core announces at import that it falls back from Transformer Engine and Apex to torch; the
+    # pipeline uses torch implementations on purpose, so the notice is noise on every command
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) .*not installed", category=UserWarning)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in what a stage writes (the manifest's command line)
+    from pipeline.model.errors import CheckpointError, ModelLayoutError
     from tokenization.errors import TokenizationError
     from tokenization.format import ShardFormatError
 
     try:
         return args.handler(args) or 0
-    except (ConfigError, TokenizationError, ShardFormatError) as err:
+    except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"distill: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"distill: error: {where}{err.strerror if err.filename and err.strerror else err}", file=sys.stderr)
         return 2

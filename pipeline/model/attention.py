@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from megatron.core.transformer.module import MegatronModule
 
+from pipeline.config import ConfigError
+
 Backend = Literal["sdpa", "flash"]
 
 
@@ -37,12 +39,12 @@ def flash_attn_usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The kernel for `compute.attention`; a ValueError saying why when flash is asked for but cannot run."""
+    """The kernel for `compute.attention`; a ConfigError saying why when flash is asked for but cannot run."""
     if requested == "sdpa":
         return "sdpa"
     usable = flash_attn_usable(device, dtype)
     if requested == "flash" and not usable:
-        raise ValueError(f"compute.attention: flash needs CUDA, bfloat16/float16 and the flash-attn package "
+        raise ConfigError("compute.attention", f"flash needs CUDA, bfloat16/float16 and the flash-attn package "
                          f"(pip install '.[gpu]'); this job has device={device.type}, dtype={dtype}, "
                          f"flash_attn {'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}")
     return "flash" if usable else "sdpa"

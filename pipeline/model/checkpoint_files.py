@@ -22,12 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from pipeline.model.errors import CheckpointError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as the model it claims to be; the message names file and tensor."""
 
 
 class SafetensorsFolder:

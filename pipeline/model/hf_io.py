@@ -17,7 +17,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -116,23 +116,36 @@ def save_hf(model: LlamaGPT, path: str | Path, ctx: ParallelContext, *, tokenize
 
     Refuses an existing non-empty `path` unless `overwrite`; appears atomically (see ShardedWriter).
     """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:  # every rank checks, so all raise together
-        raise FileExistsError(f"{path}: exists and is not empty; choose another folder or pass overwrite")
-    writer = ShardedWriter(path, max_bytes=max_shard_bytes) if ctx.rank == 0 else None
-    dtype = None
-    for name, tensor in gathered_hf_tensors(model, ctx):
-        writer.add(name, tensor)
-        dtype = tensor.dtype
-    if writer is None:
+    refuse_existing(path, overwrite)  # every rank checks, so all raise together
+    tensors = gathered_hf_tensors(model, ctx)
+    if ctx.rank != 0:
+        for _ in tensors:
+            pass
         dist.barrier()
         return None
-    ids = copy_tokenizer(tokenizer, writer) if tokenizer is not None else {}
-    config = hf_config_dict(model.model_config, dtype, **ids)
-    writer.extra_file("config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    result = writer.finish()
+    result = write_hf_folder(tensors, model.model_config, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     dist.barrier()
     return result
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path}: exists and is not empty; choose another folder or allow overwriting (--force)")
+
+
+def write_hf_folder(tensors: Iterable[tuple[str, Tensor]], cfg: ModelConfig, path: str | Path, *,
+                    tokenizer: Optional[str | Path] = None, max_shard_bytes: int = 4 << 30) -> Path:
+    """Write HF-named tensors, config.json and the tokenizer files as a folder `from_pretrained` loads."""
+    writer = ShardedWriter(path, max_bytes=max_shard_bytes)
+    dtype = torch.float32
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+        dtype = tensor.dtype
+    ids = copy_tokenizer(tokenizer, writer) if tokenizer is not None else {}
+    config = hf_config_dict(cfg, dtype, **ids)
+    writer.extra_file("config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    return writer.finish()
 
 
 def copy_tokenizer(source: str | Path, writer: ShardedWriter) -> dict[str, int]:

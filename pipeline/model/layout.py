@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig
+from pipeline.model.errors import ModelLayoutError
 
 Split = Literal["replicated", "columns", "qkv", "gated", "vocab"]
 # read(hf_name, dim, start, end) -> the HF tensor's [start, end) slice along dim (whole tensor if dim is None)
@@ -36,7 +37,7 @@ class TensorRule:
 
 
 def check_tp(cfg: ModelConfig, tp: int, device_type: str = "cuda") -> None:
-    """A ValueError naming the setting when `cfg` cannot be split over `tp` ranks on `device_type`.
+    """A ModelLayoutError naming the setting when `cfg` cannot be split over `tp` ranks on `device_type`.
 
     Fewer key/value heads than ranks works on CUDA only: megatron-core then all-gathers the fused
     QKV activations through a buffer it allocates on the current CUDA device.
@@ -52,7 +53,7 @@ def check_tp(cfg: ModelConfig, tp: int, device_type: str = "cuda") -> None:
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
     if problems:
-        raise ValueError("model cannot be split over tensor-parallel ranks: " + "; ".join(problems))
+        raise ModelLayoutError("model cannot be split over tensor-parallel ranks: " + "; ".join(problems))
 
 
 def tensor_rules(cfg: ModelConfig) -> list[TensorRule]:
