@@ -77,6 +77,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtyp
         use_cpu_initialization=ctx.device.type == "cpu", perform_initialization=initialize,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        cuda_graph_scope=[],  # megatron's default "full" is a deprecated spelling of the same thing
     )
 
 
@@ -88,8 +89,8 @@ def layer_spec(cfg: ModelConfig, backend: Backend) -> TransformerBlockSubmodules
                                core_attention=ModuleSpec(module=CoreAttention, params={
                                    "backend": backend, "sliding_window": cfg.sliding_window}),
                                linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp))
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                          linear_fc2=RowParallelLinear))
+    mlp = ModuleSpec(module=MLP, params={"ffn_hidden_size": cfg.intermediate_size},
+                     submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     layer = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=RMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add))
