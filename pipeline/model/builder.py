@@ -10,10 +10,11 @@ the installed megatron-core is patched; the rotary module is swapped on the buil
 `LlamaGPT.forward(tokens, document_ids=None)` returns `[B, S, Vl]` logits for this TP rank's slice of
 the padded vocabulary (`ParallelContext.vocab_range`), ready for `distill_loss`.
 
-Design choice: on CPU megatron initialises each weight as the full matrix and keeps this rank's slice,
-so a new model is the same at every TP size for one seed (the student trainer's TP=1-equals-TP=2
-check relies on it); the cost is a full-size temporary per weight at build time, which is why an
-import builds with `initialize=False` and fills the slices from the checkpoint instead.
+Design choice: megatron-core's own initialisation is switched off and `init.py` draws every weight
+from a generator seeded by its name, so a new model is the same at every TP size and device for one
+seed (the student trainer's TP=1-equals-TP=2 check relies on it); the cost is a full-size temporary
+per weight at build time, which is why an import builds with `initialize=False` and fills the
+slices from the checkpoint instead.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from pipeline.config import ComputeConfig, ModelConfig
 from pipeline.model.attention import Backend, CoreAttention, resolve_backend
+from pipeline.model import init as weight_init
 from pipeline.model.layout import check_tp
 from pipeline.model.rotary import RotaryEmbedding
 from pipeline.parallel import ParallelContext
@@ -63,9 +65,9 @@ def compute_dtype(compute: ComputeConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, compute.dtype)
 
 
-def transformer_config(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, *,
-                       initialize: bool = True) -> TransformerConfig:
-    """megatron-core's TransformerConfig for `cfg` at this job's TP size, with every fusion off."""
+def transformer_config(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype) -> TransformerConfig:
+    """megatron-core's TransformerConfig for `cfg` at this job's TP size, every fusion off, and no
+    initialisation: weights come from `init.py` or a checkpoint."""
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_heads, num_query_groups=cfg.kv_heads, kv_channels=cfg.head_size,
@@ -74,7 +76,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtyp
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_std,
         tensor_model_parallel_size=ctx.tp_size, sequence_parallel=False,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=ctx.device.type == "cpu", perform_initialization=initialize,
+        use_cpu_initialization=ctx.device.type == "cpu", perform_initialization=False,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
         cuda_graph_scope=[],  # megatron's default "full" is a deprecated spelling of the same thing
@@ -110,35 +112,22 @@ def document_positions(document_ids: Tensor) -> Tensor:
 class LlamaGPT(GPTModel):
     """megatron-core GPTModel for a Llama-family config: vocab-parallel logits, optional document masking."""
 
-    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *, initialize: bool = True):
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *,
+                 seed: Optional[int] = None):
         device = ctx.device
         check_tp(cfg, ctx.tp_size, device.type)
         dtype = compute_dtype(compute, device)
         self.model_config, self.compute_config = cfg, compute
         self.attention_backend = resolve_backend(compute.attention, device, dtype)
         self.padded_vocab = ctx.padded_vocab_size(cfg.vocab_size, compute.vocab_multiple)
-        super().__init__(config=transformer_config(cfg, ctx, dtype, initialize=initialize),
+        super().__init__(config=transformer_config(cfg, ctx, dtype),
                          transformer_layer_spec=layer_spec(cfg, self.attention_backend),
                          vocab_size=self.padded_vocab, max_sequence_length=cfg.max_position_embeddings,
                          parallel_output=True, share_embeddings_and_output_weights=cfg.tie_embeddings,
                          position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
         self.rotary_pos_emb = RotaryEmbedding(cfg).to(device)
-        if initialize:
-            self._zero_padded_vocab(ctx)
-
-    @torch.no_grad()
-    def _zero_padded_vocab(self, ctx: ParallelContext) -> None:
-        """Rows of padded ids get zero weights, so their logits are exactly 0 until trained (the loss masks them)."""
-        start, end = ctx.vocab_range(self.padded_vocab)
-        first_padded = max(self.model_config.vocab_size - start, 0)
-        for weight in {id(w): w for w in self._vocab_weights()}.values():
-            weight[first_padded:] = 0
-
-    def _vocab_weights(self) -> list[Tensor]:
-        weights = [self.embedding.word_embeddings.weight]
-        if not self.share_embeddings_and_output_weights:
-            weights.append(self.output_layer.weight)
-        return weights
+        if seed is not None:
+            weight_init.initialize(self, seed, ctx.tp_size, ctx.tp_rank)
 
     def document_ids(self, segments: Tensor, seq_len: int) -> Optional[Tensor]:
         """Document ids for `forward` from a batch's segment starts when `compute.document_masking` is on,
@@ -174,8 +163,14 @@ def document_ids_from_segments(segments: Tensor, seq_len: int) -> Tensor:
     return (index[None, :, None] >= starts[:, None, :]).sum(-1) - 1
 
 
-def build_model(cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *,
-                initialize: bool = True) -> LlamaGPT:
-    """A new model on `ctx.device`, this rank's TP slices only; random weights (seeded by `ctx.seed`)
-    unless `initialize=False`, for a caller that fills every tensor (an import)."""
-    return LlamaGPT(cfg, compute, ctx, initialize=initialize)
+def build_model(cfg: ModelConfig, compute: ComputeConfig, ctx: ParallelContext, *, initialize: bool = True,
+                seed: Optional[int] = None) -> LlamaGPT:
+    """A new model on `ctx.device`, this rank's TP slices only.
+
+    With `initialize`, weights are drawn by `init.py` from `seed` (default: torch's current seed, as
+    set by `ctx.seed`), identical at every TP size; without, they are left for a caller that fills
+    every tensor (an import).
+    """
+    if initialize and seed is None:
+        seed = torch.initial_seed()
+    return LlamaGPT(cfg, compute, ctx, seed=seed if initialize else None)

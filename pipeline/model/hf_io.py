@@ -27,7 +27,7 @@ from pipeline.config import ComputeConfig, ModelConfig
 from pipeline.model.builder import LlamaGPT, build_model
 from pipeline.model.checkpoint_files import CheckpointError, SafetensorsFolder, ShardedWriter
 from pipeline.model.hf_config import hf_config_dict, model_config_from_hf
-from pipeline.model.layout import TensorRule, check_tp, hf_from_shards, hf_shapes, shard_from_hf, tensor_rules
+from pipeline.model.layout import TensorRule, check_tp, fill_from_reader, hf_from_shards, hf_shapes, tensor_rules
 from pipeline.parallel import ParallelContext
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
@@ -59,21 +59,6 @@ def load_hf(path: str | Path, ctx: ParallelContext, compute: ComputeConfig = Com
     fill_from_reader(model, files.read, ctx.tp_size, ctx.tp_rank)
     files.close()
     return model
-
-
-@torch.no_grad()
-def fill_from_reader(model: LlamaGPT, read, tp: int, rank: int) -> None:
-    """Copy every parameter's shard for TP rank `rank` from `read` (see layout.Reader)."""
-    params = dict(model.named_parameters())
-    for rule in tensor_rules(model.model_config):
-        param = params.pop(rule.megatron)
-        shard = shard_from_hf(rule, read, model.model_config, tp, rank, model.padded_vocab)
-        if shard.shape != param.shape:
-            raise CheckpointError(f"{rule.megatron}: built a shard of shape {list(shard.shape)} from {rule.hf}, "
-                                  f"the model expects {list(param.shape)}")
-        param.copy_(shard)
-    if params:
-        raise RuntimeError(f"parameters without an import rule: {sorted(params)}")
 
 
 def _gathered(param: Tensor):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig
-from pipeline.model.errors import ModelLayoutError
+from pipeline.model.errors import CheckpointError, ModelLayoutError
 
 Split = Literal["replicated", "columns", "qkv", "gated", "vocab"]
 # read(hf_name, dim, start, end) -> the HF tensor's [start, end) slice along dim (whole tensor if dim is None)
@@ -50,6 +50,9 @@ def check_tp(cfg: ModelConfig, tp: int, device_type: str = "cuda") -> None:
     elif cfg.kv_heads < tp and device_type != "cuda":
         problems.append(f"num_kv_heads={cfg.kv_heads} < tp={tp} needs CUDA (megatron-core gathers the shared "
                         f"key/value heads on the GPU); use tp <= {cfg.kv_heads} on {device_type}")
+    elif (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_size % tp:
+        problems.append(f"the fused QKV rows (num_heads + 2·num_kv_heads)·head_dim = "
+                        f"{(cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_size} are not divisible by tp={tp}")
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
     if problems:
@@ -124,11 +127,25 @@ def shard_from_hf(rule: TensorRule, read: Reader, cfg: ModelConfig, tp: int, ran
         return torch.cat([read(name, 0, rank * rows, (rank + 1) * rows) for name in rule.hf])
     if rule.split == "vocab":
         return _vocab_shard(rule.hf[0], read, cfg, tp, rank, padded_vocab)
-    blocks = _qkv_blocks(cfg)
-    per_rank = len(blocks) // tp
+    return _qkv_shard(rule, read, cfg, tp, rank)
+
+
+def _qkv_shard(rule: TensorRule, read: Reader, cfg: ModelConfig, tp: int, rank: int) -> Tensor:
+    """Rows `[rank·R, (rank+1)·R)` of the fused QKV matrix, R = rows / tp, read head block by head block.
+
+    With fewer key/value heads than ranks a cut may fall inside a head block (megatron all-gathers
+    the fused activations and re-slices them), so each block contributes only its overlapping rows.
+    """
     D = cfg.head_size
-    return torch.cat([read(rule.hf[source], 0, head * D, (head + 1) * D)
-                      for source, head in blocks[rank * per_rank:(rank + 1) * per_rank]])
+    per_rank = len(_qkv_blocks(cfg)) * D // tp
+    start, end = rank * per_rank, (rank + 1) * per_rank
+    pieces = []
+    for index, (source, head) in enumerate(_qkv_blocks(cfg)):
+        lo, hi = max(start, index * D), min(end, (index + 1) * D)
+        if lo < hi:
+            offset = head * D - index * D
+            pieces.append(read(rule.hf[source], 0, lo + offset, hi + offset))
+    return torch.cat(pieces)
 
 
 def _vocab_shard(name: str, read: Reader, cfg: ModelConfig, tp: int, rank: int, padded_vocab: int) -> Tensor:
@@ -159,3 +176,18 @@ def hf_from_shards(rule: TensorRule, shards: list[Tensor], cfg: ModelConfig) -> 
     for (source, _), block in zip(_qkv_blocks(cfg), heads):
         parts[source].append(block)
     return {name: torch.cat(part) for name, part in zip(rule.hf, parts)}
+
+
+@torch.no_grad()
+def fill_from_reader(model, read: Reader, tp: int, rank: int) -> None:
+    """Copy every parameter of `model` (a LlamaGPT) for TP rank `rank` from `read`."""
+    params = dict(model.named_parameters())
+    for rule in tensor_rules(model.model_config):
+        param = params.pop(rule.megatron)
+        shard = shard_from_hf(rule, read, model.model_config, tp, rank, model.padded_vocab)
+        if shard.shape != param.shape:
+            raise CheckpointError(f"{rule.megatron}: built a shard of shape {list(shard.shape)} from {rule.hf}, "
+                                  f"the model expects {list(param.shape)}")
+        param.copy_(shard)
+    if params:
+        raise RuntimeError(f"parameters without an import rule: {sorted(params)}")

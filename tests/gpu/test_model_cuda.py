@@ -33,7 +33,7 @@ def _logits(path, ctx, tokens, **compute):
 
 
 def test_bf16_sdpa_matches_transformers(tmp_path, cuda_context):
-    path, reference = make_hf_model(tmp_path, "llama")
+    path, reference = tmp_path, make_hf_model("llama_gqa", tmp_path)
     tokens = torch.randint(0, reference.config.vocab_size, (2, 64))
     with torch.no_grad():
         expected = reference.to("cuda", torch.bfloat16)(tokens.cuda()).logits.float()
@@ -42,9 +42,9 @@ def test_bf16_sdpa_matches_transformers(tmp_path, cuda_context):
 
 
 @needs_flash
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_flash_matches_sdpa(tmp_path, cuda_context, family):
-    path, reference = make_hf_model(tmp_path, family)
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "mistral"])
+def test_flash_matches_sdpa(tmp_path, cuda_context, kind):
+    path, reference = tmp_path, make_hf_model(kind, tmp_path)
     tokens = torch.randint(0, reference.config.vocab_size, (2, 64))
     flash = _logits(path, cuda_context, tokens, attention="flash")
     sdpa = _logits(path, cuda_context, tokens, attention="sdpa")
@@ -53,7 +53,7 @@ def test_flash_matches_sdpa(tmp_path, cuda_context, family):
 
 @needs_flash
 def test_flash_document_masking_matches_sdpa(tmp_path, cuda_context):
-    path, reference = make_hf_model(tmp_path, "llama")
+    path, reference = tmp_path, make_hf_model("llama_gqa", tmp_path)
     tokens = torch.randint(0, reference.config.vocab_size, (2, 64)).cuda()
     segments = torch.tensor([[0, 10, 40, 65], [0, 65, -1, -1]]).cuda()
     results = {}

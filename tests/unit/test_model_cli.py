@@ -50,14 +50,14 @@ def test_tp1_checkpoint_loads_and_matches_transformers(llama, tmp_path, single_p
     assert main(["convert", "hf-to-tp", str(folder), str(tmp_path / "tp1"), "--tp", "1"]) == 0
     from pipeline.parallel import ParallelContext
 
-    ctx = ParallelContext.from_env(tp=1)
-    model = load_model(tmp_path / "tp1", ctx).eval()
-    tokens = random_tokens()
-    with torch.no_grad():
-        ours = model(tokens)[..., :VOCAB]
-    torch.testing.assert_close(ours, hf_logits(reference, tokens), atol=1e-4, rtol=0)
-    with pytest.raises(CheckpointError, match=r"split for tp=1, vocab_multiple=128; this job has .*vocab_multiple=64"):
-        load_model(tmp_path / "tp1", ctx, ComputeConfig(vocab_multiple=64))
+    with ParallelContext.from_env(tp=1) as ctx:
+        model = load_model(tmp_path / "tp1", ctx).eval()
+        tokens = random_tokens()
+        with torch.no_grad():
+            ours = model(tokens)[..., :VOCAB]
+        torch.testing.assert_close(ours, hf_logits(reference, tokens), atol=1e-4, rtol=0)
+        with pytest.raises(CheckpointError, match=r"split for tp=1, vocab_multiple=128; this job has .*multiple=64"):
+            load_model(tmp_path / "tp1", ctx, ComputeConfig(vocab_multiple=64))
 
 
 def test_bf16_conversion_stores_bf16(llama, tmp_path):
