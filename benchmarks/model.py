@@ -171,7 +171,7 @@ def run_ours(world: int, args: tuple, timeout_s: float = 1200) -> list:
 
 # --- main ------------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2],
@@ -191,15 +191,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                         help="cores to share out: transformers gets all of them, each TP rank cores // tp")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import megatron.core
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.cores)
-    tokens = make_tokens(args)
-    n_tokens = args.batch * args.seq_len
-    load_before = os.getloadavg()[0]
+
+def measure(args: argparse.Namespace, tokens: torch.Tensor) -> tuple[dict, dict]:
+    """(seconds per forward by implementation, one entry per round; max |Δlogit| by tp)."""
     seconds: dict = {"hf": []}
     diffs: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
@@ -217,10 +213,17 @@ def main(argv=None) -> None:
                 results = run_ours(tp, (str(folder), tokens, reference_path, args.warmup, args.repeats, threads))
                 seconds.setdefault(tp, []).append(max(r[0] for r in results))
                 diffs[tp] = max(diffs.get(tp, 0.0), results[0][1])
+    return seconds, diffs
+
+
+def print_report(args: argparse.Namespace, seconds: dict, diffs: dict, load_before: float) -> None:
+    import megatron.core
+    import transformers
+
+    n_tokens = args.batch * args.seq_len
     hf_seconds = min(seconds["hf"])
     rows = [("transformers LlamaForCausalLM", "-", args.cores, seconds["hf"], None)]
     rows += [("ours (megatron-core LlamaGPT)", tp, max(1, args.cores // tp), seconds[tp], diffs[tp]) for tp in args.tp]
-
     print(f"Llama hidden={args.hidden} layers={args.layers} heads={args.heads} kv_heads={args.kv_heads} "
           f"intermediate={args.intermediate} vocab={args.vocab}, float32, batch={args.batch} seq_len={args.seq_len} "
           f"({n_tokens} tokens/forward), median of {args.repeats} after {args.warmup} warm-up, best of {args.rounds} "
@@ -241,6 +244,17 @@ def main(argv=None) -> None:
               f"(cores // tp threads each) and adds gloo all-reduces over local sockets, so on CPU the TP > 1 rows "
               f"are about correctness (the max |Δlogit| column), not speed."
               + (f" TP={oversubscribed} oversubscribes the cores." if oversubscribed else ""))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.cores)
+    tokens = make_tokens(args)
+    load_before = os.getloadavg()[0]
+    seconds, diffs = measure(args, tokens)
+    print_report(args, seconds, diffs, load_before)
 
 
 if __name__ == "__main__":
