@@ -64,12 +64,17 @@ def allowed_pairs(document_ids: Optional[Tensor], seq_len: int, window: Optional
     return allowed
 
 
+def document_starts(document_ids: Tensor) -> Tensor:
+    """Boolean `[B, S]`: the position opens a document (the row's first, or its id differs from the previous)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
 def _varlen_boundaries(document_ids: Tensor) -> tuple[Tensor, int]:
     """Cumulative sequence starts (int32) and the longest document, over the flattened batch."""
     batch, seq_len = document_ids.shape
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    offsets = torch.nonzero(starts.flatten()).flatten()
+    offsets = torch.nonzero(document_starts(document_ids).flatten()).flatten()
     cu_seqlens = torch.cat([offsets, offsets.new_tensor([batch * seq_len])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 

@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pipeline.config import ComputeConfig, ModelConfig
-from pipeline.model.attention import Backend, CoreAttention, resolve_backend
+from pipeline.model.attention import Backend, CoreAttention, document_starts, resolve_backend
 from pipeline.model import init as weight_init
 from pipeline.model.layout import check_tp
 from pipeline.model.rotary import RotaryEmbedding
@@ -103,9 +103,7 @@ def document_positions(document_ids: Tensor) -> Tensor:
     """Positions `[B, S]` restarting at 0 at each document start (documents are contiguous runs of one id)."""
     batch, seq_len = document_ids.shape
     index = torch.arange(seq_len, device=document_ids.device).expand(batch, seq_len)
-    is_start = torch.ones_like(document_ids, dtype=torch.bool)
-    is_start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    start_of = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    start_of = torch.where(document_starts(document_ids), index, torch.zeros_like(index)).cummax(dim=1).values
     return index - start_of
 
 
