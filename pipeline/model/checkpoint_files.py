@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -118,10 +118,6 @@ class ShardedWriter:
             self._flush()
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
-
-    def add_all(self, tensors: Iterable[tuple[str, Tensor]]) -> None:
-        for name, tensor in tensors:
-            self.add(name, tensor)
 
     def _flush(self) -> None:
         path = self.partial / f"part-{len(self._written):05d}.safetensors"

@@ -36,14 +36,15 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints save
 def check_checkpoint(files: SafetensorsFolder, cfg: ModelConfig) -> None:
     """CheckpointError naming the first missing, misshapen or unexpected tensor."""
     expected = hf_shapes(cfg)
+    present = set(files.names())
     for name, shape in expected.items():
-        if name not in files.names():
+        if name not in present:
             raise CheckpointError(f"{files.folder}: missing tensor {name!r} (config.json describes "
                                   f"{cfg.num_layers} layers of a {cfg.architecture} model)")
         if files.shape(name) != shape:
             raise CheckpointError(f"{files.where(name)}: tensor {name!r} has shape {list(files.shape(name))}, "
                                   f"expected {list(shape)} from config.json")
-    unexpected = [n for n in files.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    unexpected = sorted(n for n in present if n not in expected and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise CheckpointError(f"{files.folder}: unexpected tensors {unexpected[:4]} (not part of a "
                               f"{cfg.architecture} model with this config.json)")

@@ -28,7 +28,7 @@ from pipeline.config import ComputeConfig, ModelConfig, config_to_dict, from_dic
 from pipeline.model.builder import LlamaGPT, build_model
 from pipeline.model.checkpoint_files import CheckpointError, SafetensorsFolder
 from pipeline.model.hf_config import model_config_from_hf
-from pipeline.model.hf_io import check_checkpoint, refuse_existing, write_hf_folder
+from pipeline.model.hf_io import check_checkpoint, load_hf, refuse_existing, write_hf_folder
 from pipeline.model.layout import check_tp, hf_from_shards, shard_from_hf, tensor_rules
 from pipeline.parallel import ParallelContext, pad_vocab_size
 
@@ -133,6 +133,4 @@ def tp_checkpoint_to_hf(path: str | Path, out: str | Path, *, tokenizer: Optiona
 
 def load_model(path: str | Path, ctx: ParallelContext, compute: ComputeConfig = ComputeConfig()) -> LlamaGPT:
     """A model from either a Hugging Face folder or a TP checkpoint folder, whichever `path` is."""
-    from pipeline.model.hf_io import load_hf
-
     return load_tp_checkpoint(path, ctx, compute) if is_tp_checkpoint(path) else load_hf(path, ctx, compute)
