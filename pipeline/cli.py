@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_model import add_model_commands
 from pipeline.config import ConfigError, RunConfig, config_reference, dump_yaml, load_config
 
@@ -30,7 +31,7 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   export     the student as a Hugging Face checkpoint
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
-`tokenize`, `verify-shards`, `convert` and `inspect` are here; the other stages arrive in later versions. Every stage
+`tokenize`, `verify-shards`, `cache`, `verify-cache`, `convert` and `inspect` are here; the other stages arrive in later versions. Every stage
 reads a YAML config that overrides can change on the command line (section.key=value);
 `distill config` shows the resolved result.
 """
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar shards")
     verify.set_defaults(handler=_verify_shards)
     add_model_commands(commands)
+    add_cache_commands(commands)
     return parser
 
 
@@ -174,12 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in what a stage writes (the manifest's command line)
     from pipeline.model.errors import CheckpointError, ModelLayoutError
+    from pipeline.teacher.errors import CacheError
     from tokenization.errors import TokenizationError
     from tokenization.format import ShardFormatError
 
     try:
         return args.handler(args) or 0
-    except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError) as err:
+    except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

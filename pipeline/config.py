@@ -19,8 +19,8 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
                                   dump_yaml, from_dict, greater_than, in_range, load_config, non_negative,
                                   positive, section, setting)
 
-__all__ = ["COMMAND_LINE", "Check", "ComputeConfig", "ConfigError", "DivergenceName", "LossConfig", "ModelConfig",
-           "ParallelConfig", "RunConfig",
+__all__ = ["COMMAND_LINE", "CacheConfig", "Check", "ComputeConfig", "ConfigError", "DivergenceName", "LossConfig", "ModelConfig",
+           "ParallelConfig", "RunConfig", "TargetsConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -171,3 +171,44 @@ class RunConfig:
                               "the same seed and config repeat a run.", non_negative)
     parallel: ParallelConfig = section(ParallelConfig, "Process layout: tensor and data parallelism.")
     loss: LossConfig = section(LossConfig, "The distillation loss and its divergence.")
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """What the teacher cache stores for each position: a sparse stand-in for the teacher's distribution."""
+
+    mode: Literal["topk", "sampled"] = setting(
+        "topk", "topk = the K most likely ids with their true full-vocabulary log-probs and the exact log rest "
+                "mass (use with loss.target_mode tail). sampled = N draws with replacement stored as distinct "
+                "ids and counts: an unbiased forward-KL target, about 12 distinct ids per position at N=50.")
+    k: int = setting(32, "topk: ids kept per position. More ids tighten the coarsened divergence towards the full "
+                         "one at about log2(V/K)+2 bits per id plus the value bits.", positive)
+    draws: int = setting(50, "sampled: draws per position (N). The stored target is counts/N.", positive)
+    temperature: float = setting(
+        1.0, "T of the teacher's softmax the targets come from. The student's loss.temperature must equal it.",
+        positive)
+    value_bits: Optional[int] = setting(
+        None, "topk: bits per stored probability (ratio to the position's top, cube-root companded; the error "
+              "of each ratio is at most 1.5/(2^bits − 1)). null = the most bits, between 4 and 8, that keep a "
+              "position's ids and values within 1.5× the information floor log2 C(V, K).", in_range(1, 16))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The offline teacher-cache job (`distill cache`): one cache shard per token shard, same keys."""
+
+    seed: int = setting(1234, "Seed of the sampled targets' draws (with each sample's key); the same seed, teacher "
+                              "and data write the same bytes.", non_negative)
+    teacher: str = setting("", "The teacher: a Hugging Face folder (config.json + safetensors) or a TP checkpoint "
+                               "from `distill convert hf-to-tp`. Required.")
+    tokens: str = setting("", "The token-shard folder (from `distill tokenize`) the teacher reads. Required.")
+    output: str = setting("", "Folder for the cache shards and manifest. A rerun into it completes only the "
+                              "missing shards; a folder made by another teacher or config is refused. Required.")
+    micro_batch: int = setting(4, "Samples per teacher forward. Larger is faster until memory runs out; the "
+                                  "logits of a batch take micro_batch × seq_len × V/tp × 4 bytes.", positive)
+    progress: bool = setting(True, "Show a progress bar (on the first rank) and print a summary at the end.")
+    parallel: ParallelConfig = section(ParallelConfig, "Process layout: tp ranks per teacher replica; the "
+                                                       "replicas (world / tp) split the shards between them.")
+    compute: ComputeConfig = section(ComputeConfig, "How the teacher is computed (attention kernel, dtype, "
+                                                    "document masking: use the student's setting).")
+    targets: TargetsConfig = section(TargetsConfig, "What is stored per position.")

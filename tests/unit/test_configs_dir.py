@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RunConfig, dump_yaml, load_config
+from pipeline.config import CacheConfig, RunConfig, dump_yaml, load_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-ROOT_BY_PREFIX: dict[str, type] = {"loss_": RunConfig}
+ROOT_BY_PREFIX: dict[str, type] = {"loss_": RunConfig, "cache_": CacheConfig}
 """Which root class a config file fills, by file-name prefix; RunConfig for any other name."""
 
 

@@ -1,0 +1,246 @@
+"""The cache job: a TP teacher reads token shards and writes one cache shard per token shard.
+
+Every process of `world = dp × tp` loads its TP slice of the teacher. The shards still missing (no done
+record) are dealt out to the dp replicas round robin; the tp ranks of a replica read the same samples,
+run the teacher, and compute the targets together from their vocabulary slices; the replica's tp rank 0
+encodes and writes. Samples' keys are the token shard's keys, in the same order. When every shard has
+its record, the manifest is written and the folder becomes a cache the student's reader accepts.
+
+Design choice: shards, not samples, are the unit of work and of restart: a shard is done or it is not,
+so a killed job loses at most one shard per replica and its rerun writes byte-identical shards. The
+cost is that a replica's last shard bounds the job's tail; many small shards balance better.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.config import CacheConfig, ConfigError, config_to_dict
+from pipeline.data.shards import ShardReader, verify_shard
+from pipeline.data.sources import ShardSet
+from pipeline.model.builder import compute_dtype
+from pipeline.parallel import ParallelContext
+from pipeline.teacher.errors import CacheError
+from pipeline.teacher.format import codec_of, targets_record
+from pipeline.teacher.identity import bind_output, check_teacher_tokenizer, check_vocabulary, weights_sha256
+from pipeline.teacher.targets import sampled_targets, topk_targets
+from pipeline.teacher.writer import CacheShardWriter, ShardRecord, write_cache_manifest
+from tokenization.format import decode_sample
+
+
+@dataclass
+class Teacher:
+    """The loaded teacher and what the job derives from it."""
+
+    model: torch.nn.Module
+    vocab_size: int
+    identity: dict
+
+
+def require_paths(cfg: CacheConfig) -> None:
+    for name in ("teacher", "tokens", "output"):
+        if not getattr(cfg, name):
+            raise ConfigError(name, "is required: set it in the config or as an override, e.g. "
+                                    f"{name}=/path/to/{'folder' if name != 'teacher' else 'teacher'}")
+
+
+def run_cache(cfg: CacheConfig, *, shard_range: tuple[int, int] | None = None) -> dict:
+    """Run the job in this process (one of world = dp × tp); returns the summary."""
+    require_paths(cfg)
+    ctx = ParallelContext.from_env(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    try:
+        return CacheJob(cfg, ctx, shard_range).run()
+    finally:
+        ctx.destroy()
+
+
+def on_first_rank(ctx: ParallelContext, action):
+    """Run `action()` on global rank 0 only and return its result everywhere; its error is raised on all."""
+    outcome = [None, None]
+    if ctx.rank == 0:
+        try:
+            outcome[0] = action()
+        except (CacheError, ConfigError, OSError) as err:
+            outcome[1] = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CacheError(outcome[1])
+    return outcome[0]
+
+
+def key_uniforms(seed: int, key: str, positions: int, draws: int) -> torch.Tensor:
+    """[positions, draws] float64 uniforms seeded by (seed, key): the same on every rank and every rerun."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.rand(positions, draws, generator=generator, dtype=torch.float64)
+
+
+class CacheJob:
+    """One process's part of the job; see the module docstring."""
+
+    def __init__(self, cfg: CacheConfig, ctx: ParallelContext, shard_range: tuple[int, int] | None):
+        self.cfg, self.ctx = cfg, ctx
+        self.tokens = ShardSet(cfg.tokens)
+        self.range = self._check_range(shard_range)
+        self.teacher = self._load_teacher()
+        self.record = targets_record(cfg.targets, self.teacher.vocab_size, self.tokens.manifest.seq_len)
+        self.codec = codec_of(self.record)
+        self.job = {"teacher": self.teacher.identity, "tokens": self.tokens.fingerprint(), "targets": self.record,
+                    "seed": cfg.seed if cfg.targets.mode == "sampled" else None,
+                    "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
+                                "document_masking": cfg.compute.document_masking}}
+        on_first_rank(ctx, lambda: bind_output(cfg.output, self.job))
+
+    def _check_range(self, shard_range):
+        count = len(self.tokens.manifest.shards)
+        start, stop = shard_range or (0, count)
+        if not 0 <= start < stop <= count:
+            raise CacheError(f"shard range {start}:{stop} is outside the {count} token shards of {self.cfg.tokens}")
+        return start, stop
+
+    def _load_teacher(self) -> Teacher:
+        from pipeline.model import load_model
+
+        manifest, cfg = self.tokens.manifest, self.cfg
+        model = load_model(cfg.teacher, self.ctx, cfg.compute).eval()
+        vocab = model.model_config.vocab_size
+        check_vocabulary(vocab, manifest, cfg.tokens)
+        on_first_rank(self.ctx, lambda: check_teacher_tokenizer(cfg.teacher, manifest, cfg.tokens))
+        weights = on_first_rank(self.ctx, lambda: weights_sha256(cfg.teacher, progress=cfg.progress))
+        identity = {"model": config_to_dict(model.model_config), "weights_sha256": weights}
+        return Teacher(model, vocab, identity)
+
+    # ---- the work
+
+    def run(self) -> dict:
+        todo = on_first_rank(self.ctx, self._missing)
+        mine = todo[self.ctx.dp_rank:: self.ctx.dp_size]
+        started, written = time.perf_counter(), []
+        bar = self._progress_bar(mine)
+        try:
+            for index in mine:
+                written.append(self._cache_shard(index, bar))
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        if self.ctx.world_size > 1:
+            dist.barrier()
+        manifest = on_first_rank(self.ctx, self._finish)
+        return self._summary(todo, written, elapsed, manifest)
+
+    def _missing(self) -> list[int]:
+        names = [s.name for s in self.tokens.manifest.shards]
+        return [i for i in range(*self.range) if ShardRecord.read(Path(self.cfg.output), names[i]) is None]
+
+    def _progress_bar(self, mine: list[int]):
+        total = sum(self.tokens.manifest.shards[i].samples for i in mine) * self.tokens.manifest.seq_len
+        return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher cache",
+                    disable=not (self.cfg.progress and self.ctx.rank == 0))
+
+    def _cache_shard(self, index: int, bar) -> ShardRecord | None:
+        entry, where = self.tokens.manifest.shards[index], self.tokens.where(index)
+        url = self.tokens.url(index)
+        verify_shard(url, entry.sha256, where=where)
+        reader = ShardReader(url, expected=entry.samples, where=where)
+        writer = CacheShardWriter(self.cfg.output, entry.name, source=entry) if self.ctx.tp_rank == 0 else None
+        try:
+            for start in range(0, entry.samples, self.cfg.micro_batch):
+                raws = reader.take(min(self.cfg.micro_batch, entry.samples - start))
+                self._cache_batch(raws, where, writer)
+                bar.update(len(raws) * self.tokens.manifest.seq_len * self.ctx.dp_size)
+        except BaseException:
+            if writer is not None:
+                writer.abandon()
+            raise
+        finally:
+            reader.close()
+        return writer.close() if writer is not None else None
+
+    @torch.inference_mode()
+    def _cache_batch(self, raws: list[dict], where: str, writer: CacheShardWriter | None) -> None:
+        manifest = self.tokens.manifest
+        decoded = [decode_sample(raw, seq_len=manifest.seq_len, dtype=manifest.dtype, where=where) for raw in raws]
+        tokens = torch.from_numpy(np.stack([t for t, _ in decoded]).astype(np.int64)).to(self.ctx.device)
+        model = self.teacher.model
+        document_ids = model.document_ids(_segments(decoded), manifest.seq_len)
+        logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
+        keys = [raw["__key__"] for raw in raws]
+        self._check_finite(logits, keys, where)
+        for key, payload, floor_bits in self._encode(logits, keys):
+            if writer is not None:
+                writer.write(key, self.record["member"], payload, positions=manifest.seq_len, floor_bits=floor_bits)
+
+    def _check_finite(self, logits: torch.Tensor, keys: list[str], where: str) -> None:
+        bad = (~torch.isfinite(logits)).flatten(1).any(dim=1).int()
+        if self.ctx.tp_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ctx.tp_group)
+        if bad.any():
+            key = keys[int(bad.nonzero()[0])]
+            raise CacheError(f"{where}: the teacher's logits for sample {key!r} are NaN or infinite; nothing was "
+                             f"written for this shard. Check the teacher's weights and compute.dtype")
+
+    def _encode(self, logits: torch.Tensor, keys: list[str]):
+        """(key, codec record, information floor in bits) per sample of a batch's logits [B, S, Vl]."""
+        targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
+        batch, positions = logits.shape[:2]
+        flat = logits.reshape(batch * positions, -1)
+        if targets.mode == "topk":
+            found = topk_targets(flat, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
+            ids, logprobs, log_rest = (t.cpu().numpy() for t in found)
+            for row, key in enumerate(keys):
+                part = slice(row * positions, (row + 1) * positions)
+                payload = self.codec.encode(ids[part], logprobs[part], log_rest[part])
+                yield key, payload, self.codec.floor_bits() * positions
+            return
+        uniforms = torch.cat([key_uniforms(self.cfg.seed, key, positions, targets.draws) for key in keys])
+        ids, counts = sampled_targets(flat, uniforms.to(logits.device), temperature=targets.temperature,
+                                      vocab_size=vocab, group=group)
+        ids, counts = ids.cpu().numpy(), counts.cpu().numpy()
+        for row, key in enumerate(keys):
+            part = slice(row * positions, (row + 1) * positions)
+            width = max(1, int((ids[part] >= 0).sum(axis=1).max()))
+            payload = self.codec.encode(ids[part, :width], counts[part, :width])
+            yield key, payload, float(self.codec.floor_bits((ids[part] >= 0).sum(axis=1)).sum())
+
+    # ---- the end
+
+    def _finish(self):
+        folder, names = Path(self.cfg.output), [s.name for s in self.tokens.manifest.shards]
+        records = [ShardRecord.read(folder, name) for name in names]
+        if any(r is None for r in records):
+            return None
+        extra = {"targets": self.record, "teacher": self.teacher.identity, "job": self.job}
+        return write_cache_manifest(folder, self.tokens.manifest, records, extra).to_json()
+
+    def _summary(self, todo: list[int], written: list, elapsed: float, manifest) -> dict:
+        mine = [r for r in written if r is not None]
+        totals = torch.tensor([len(mine), sum(r.positions for r in mine), sum(r.bytes for r in mine), elapsed],
+                              dtype=torch.float64)
+        if self.ctx.world_size > 1:
+            elapsed_max = totals[3:].clone().to(self.ctx.device)
+            dist.all_reduce(elapsed_max, op=dist.ReduceOp.MAX)
+            summed = totals[:3].to(self.ctx.device)
+            dist.all_reduce(summed)
+            totals = torch.cat([summed.cpu(), elapsed_max.cpu()])
+        shards, positions, stored, seconds = totals.tolist()
+        return {"shards_total": len(self.tokens.manifest.shards), "shards_todo": len(todo),
+                "shards_written": int(shards), "tokens": int(positions), "seconds": seconds,
+                "tokens_per_s": positions / seconds if seconds > 0 else 0.0,
+                "bytes_per_token": stored / positions if positions else 0.0, "complete": manifest is not None,
+                "output": self.cfg.output}
+
+
+def _segments(decoded: list) -> torch.Tensor:
+    width = max(len(seg) for _, seg in decoded)
+    segments = np.full((len(decoded), width), -1, dtype=np.int64)
+    for row, (_, seg) in enumerate(decoded):
+        segments[row, : len(seg)] = seg
+    return torch.from_numpy(segments)

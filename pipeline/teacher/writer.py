@@ -1,0 +1,125 @@
+"""Cache shards on disk: the atomic shard writer, per-shard done records and the final manifest.
+
+A shard is written to a hidden `.NAME.partial`, fsynced and renamed, so `NAME.tar` exists only whole;
+then a done record `_progress/STEM.json` (samples, positions, bytes, sha256, source shard, floor bits)
+is written atomically. A rerun skips shards with a done record and overwrites any stale partial file.
+The manifest is written last, by whichever process finds every record present, from the records alone:
+it is a pure function of them, so concurrent finishers (a Slurm job array) write the same bytes.
+
+Design choice: the tar is written by webdataset's TarWriter with a fixed mtime and sample members
+in a fixed order, so an interrupted and resumed job produces byte-identical shards; the cost is that
+tar metadata carries no real timestamps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from pipeline.data.sources import SOURCE_SHARDS, stem
+from pipeline.teacher.identity import PROGRESS_DIR
+from tokenization.format import Manifest, ShardEntry, write_atomic, write_manifest
+
+
+class _HashingFile:
+    """A write-only file that hashes and counts the bytes passing through it."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by CacheShardWriter.close
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+
+def partial_path(folder: Path, name: str) -> Path:
+    return folder / f".{name}.partial"
+
+
+def record_path(folder: Path, name: str) -> Path:
+    return folder / PROGRESS_DIR / f"{stem(name)}.json"
+
+
+@dataclass
+class ShardRecord:
+    """What the manifest needs of one finished cache shard."""
+
+    name: str
+    samples: int
+    tokens: int
+    positions: int
+    bytes: int
+    sha256: str
+    source: str
+    source_sha256: str
+    floor_bits: float
+
+    @classmethod
+    def read(cls, folder: Path, name: str) -> ShardRecord | None:
+        path = record_path(folder, name)
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+class CacheShardWriter:
+    """Writes one cache shard: samples in order, then `close` makes it visible and records it."""
+
+    def __init__(self, folder: str | Path, name: str, *, source: ShardEntry):
+        self.folder, self.name, self.source = Path(folder), name, source
+        self._file = _HashingFile(partial_path(self.folder, name))
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self.samples = self.positions = 0
+        self.floor_bits = 0.0
+
+    def write(self, key: str, member: str, payload: bytes, *, positions: int, floor_bits: float) -> None:
+        self._tar.write({"__key__": key, member: payload})
+        self.samples += 1
+        self.positions += positions
+        self.floor_bits += floor_bits
+
+    def close(self) -> ShardRecord:
+        self._tar.close()
+        self._file.file.flush()
+        os.fsync(self._file.file.fileno())
+        self._file.file.close()
+        os.replace(partial_path(self.folder, self.name), self.folder / self.name)
+        _fsync_dir(self.folder)
+        record = ShardRecord(self.name, self.samples, self.source.tokens, self.positions, self._file.size,
+                             self._file.sha.hexdigest(), self.source.name, self.source.sha256, self.floor_bits)
+        write_atomic(record_path(self.folder, self.name), (json.dumps(record.__dict__, indent=1) + "\n").encode())
+        return record
+
+    def abandon(self) -> None:
+        """Drop the partial file (an error mid-shard); a rerun starts this shard over."""
+        self._file.file.close()
+        partial_path(self.folder, self.name).unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_cache_manifest(folder: str | Path, tokens: Manifest, records: list[ShardRecord], extra: dict) -> Manifest:
+    """The cache manifest: the token manifest's fields, these shards, and the cache's own facts."""
+    positions = sum(r.positions for r in records)
+    stored = sum(r.bytes for r in records)
+    facts = dict(extra)
+    facts[SOURCE_SHARDS] = {r.source: r.source_sha256 for r in records}
+    facts["positions"] = positions
+    facts["bytes_per_token"] = round(stored / max(1, positions), 4)
+    facts["floor_bytes_per_token"] = round(sum(r.floor_bits for r in records) / 8 / max(1, positions), 4)
+    manifest = Manifest(tokens.tokenizer_fingerprint, tokens.vocab_size, tokens.eos_id, tokens.seq_len,
+                        tokens.packing, tuple(ShardEntry(r.name, r.samples, r.tokens, r.sha256) for r in records),
+                        command="distill cache", extra=facts)
+    write_manifest(folder, manifest)
+    return manifest
