@@ -9,22 +9,23 @@ or above the real vocabulary are padding and are sliced away first). Two kinds o
   all-reduced, then taken to log space — never `1 − Σp`, which cancels when the K ids hold nearly all
   of the mass.
 - `sampled_targets`: N draws with replacement from softmax(z/T), by inverse CDF in global id order.
-  The probabilities are turned into integer weights `⌊2^s · 2^((z−max)·log2 e)⌋` with `V·2^s < 2^53`,
-  so every prefix sum is exact whatever the split; the caller's uniforms pick `⌊u·W⌋` in `[0, W)`; the
-  rank whose weight interval holds a draw resolves it with a binary search over its local cumulative
-  weights (choose the shard by its mass, then the id within it). The exponential is evaluated with
-  adds and multiplies only (range reduction and a degree-13 polynomial), because torch's vectorised
-  and scalar `exp` may differ in the last bit and the split decides which one an entry meets: this way
-  the same logits give the same draws at every TP size. The cost is about twenty float64 passes over
-  the local logits, small next to the output layer that produced them; the weights drop entries below
-  `2^-s` of the top (s ≥ 20 for any V ≤ 2^32), a bias under `V·2^-s` of the mass.
+  The probabilities become integer weights `⌊2^s · 2^(q/2^16)⌉`, q the exponent `(z−max)·log2 e`
+  rounded to 2^-16, with `V·2^(s+1) ≤ 2^53`, so every prefix sum is exact whatever the split; the
+  caller's uniforms pick `⌊u·W⌋` in `[0, W)`, and the rank whose weight interval holds a draw resolves
+  it by binary search over its local cumulative weights (choose the shard by its mass, then the id
+  within it). The weights come from a multiply, a rounding, a 2^16-entry table and integer shifts,
+  never from torch's `exp`, whose vectorised and scalar paths may differ in the last bit (and the
+  split decides which path an entry meets): the same logits give the same draws at every TP size.
+  The costs: a probability is moved by at most a factor (1 ± 5·10^-6) by the exponent's rounding, and
+  entries below `2^-(s+1)` of the top (s ≥ 20 for any V ≤ 2^32) are never drawn.
 
 Rows are processed in chunks so the float64 temporaries stay near `chunk_bytes`; every function takes
 its process group explicitly and gives identical results on every rank of it.
 """
 from __future__ import annotations
 
-import math
+import decimal
+import functools
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,8 @@ from torch import Tensor
 
 from pipeline.losses.shard import Shard, all_reduce, group_size, row_max
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 4 << 20
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_EXP_TERMS = [1.0 / math.factorial(n) for n in range(14)]
 
 
 def _rows_per_chunk(n: int, width: int, chunk_bytes: int) -> int:
@@ -105,28 +104,37 @@ def _local_candidates(z: Tensor, k: int, shard: Shard) -> tuple[Tensor, Tensor]:
 
 
 def weight_bits(vocab_size: int) -> int:
-    """s such that V·2^s < 2^53: every partial sum of the integer weights is exact in float64 too."""
+    """s such that V·2^(s+1) ≤ 2^53: every weight is below 2^(s+1), so every partial sum of the integer
+    weights, and their total times a uniform, is exact in float64 too."""
     return 52 - max(1, (vocab_size - 1).bit_length())
 
 
-def integer_weights(shifted: Tensor, bits: int) -> Tensor:
-    """⌊2^bits · exp(shifted)⌋ as int64 for float64 `shifted` ≤ 0, bit-identical on every code path.
+@functools.lru_cache(maxsize=8)
+def _fraction_table(bits: int) -> Tensor:
+    """⌊2^bits · 2^(j/2^16)⌉ for j in [0, 2^16), from exact integer arithmetic (the same on every machine):
+    2^(j/2^16) = 2^(a/2^8) · 2^(b/2^16) with j = 2^8·a + b, each factor a correctly rounded Decimal."""
+    with decimal.localcontext() as context:
+        context.prec = 40
+        two = decimal.Decimal(2)
+        scale = 1 << 100
+        coarse = [int((two ** (decimal.Decimal(a) / 256)) * scale) for a in range(256)]
+        fine = [int((two ** (decimal.Decimal(b) / 65536)) * scale) for b in range(256)]
+    table = [(coarse[j >> 8] * fine[j & 255] + (1 << (199 - bits))) >> (200 - bits) for j in range(1 << 16)]
+    return torch.tensor(table, dtype=torch.int64)
 
-    exp(x) = 2^y with y = x·log2 e, split as 2^⌊y⌋ · 2^f (f in [0, 1)); 2^f = exp(f·ln 2) by Horner's
-    rule. Only IEEE adds, multiplies and floors are used, so the result does not depend on which
-    kernel (vectorised or scalar tail) meets an entry. Entries below 2^-bits of the top weigh 0.
+
+def integer_weights(shifted: Tensor, bits: int) -> Tensor:
+    """⌊2^bits · 2^(q/2^16)⌉ as int64, with q = round(shifted · log2 e · 2^16), for float32 `shifted` ≤ 0.
+
+    Only an IEEE multiply, a rounding, integer shifts and a table lookup are used, so the result does not
+    depend on which kernel (vectorised or scalar tail) meets an entry. Rounding the exponent to 2^-16
+    changes each probability by at most a factor 2^(2^-17) (1 + 5·10^-6). Entries below 2^-(bits+1) of
+    the top weigh 0.
     """
-    y = shifted * _LOG2E
-    keep = y >= -(bits + 1)
-    y = torch.where(keep, y, torch.zeros_like(y))
-    whole = y.floor()
-    t = (y - whole) * _LN2
-    poly = torch.full_like(t, _EXP_TERMS[-1])
-    for coefficient in reversed(_EXP_TERMS[:-1]):
-        poly = poly * t + coefficient
-    exponent = (whole.long() + bits + 1023) << 52
-    scaled = (poly * exponent.view(torch.float64)).floor().long()
-    return torch.where(keep, scaled, torch.zeros_like(scaled))
+    q = (shifted * (_LOG2E * 65536.0)).round_().clamp_(min=-((bits + 2) << 16)).to(torch.int32)
+    table = _fraction_table(bits).to(shifted.device)
+    weights = table[(q & 0xFFFF).long()]
+    return weights >> (-(q >> 16)).long()
 
 
 def sampled_targets(logits: Tensor, uniforms: Tensor, *, temperature: float = 1.0, vocab_size: int | None = None,
@@ -152,7 +160,7 @@ def _draw_chunk(logits: Tensor, uniforms: Tensor, temperature: float, shard: Sha
     z = logits[:, : shard.width].float()
     z = z / temperature if temperature != 1.0 else z
     top = all_reduce(row_max(z), "max", shard.group)
-    weights = integer_weights(z.double() - top.double().unsqueeze(-1), weight_bits(shard.vocab_size))
+    weights = integer_weights(z - top.unsqueeze(-1), weight_bits(shard.vocab_size))
     cumulative = weights.cumsum(dim=-1)
     local_total = cumulative[:, -1] if shard.width else weights.new_zeros(z.shape[0])
     totals = _all_gather(local_total, shard.group)  # [tp, C]
