@@ -62,15 +62,18 @@ def run_cache(cfg: CacheConfig, *, shard_range: tuple[int, int] | None = None) -
 
 
 def on_first_rank(ctx: ParallelContext, action):
-    """Run `action()` on global rank 0 only and return its result everywhere; its error is raised on all."""
-    outcome = [None, None]
+    """Run `action()` on global rank 0 only and return its result everywhere. Its error is raised on rank 0
+    as it was and on every other rank as a CacheError with the same message, so no rank waits forever."""
+    outcome, failure = [None, None], None
     if ctx.rank == 0:
         try:
             outcome[0] = action()
-        except (CacheError, ConfigError, OSError) as err:
-            outcome[1] = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
+        except Exception as err:  # noqa: BLE001 - every failure must reach the other ranks
+            failure, outcome[1] = err, f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
     if ctx.world_size > 1:
         dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
     if outcome[1] is not None:
         raise CacheError(outcome[1])
     return outcome[0]

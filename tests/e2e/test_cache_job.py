@@ -129,8 +129,29 @@ def test_other_config_into_same_folder_is_refused(world, capsys):
     assert cache(base, "guarded", "targets.k=4") == 0
     before = shard_bytes(base / "guarded")
     assert cache(base, "guarded", "targets.k=5") == 2
-    assert "different teacher or settings" in capsys.readouterr().err
+    assert "different teacher or settings (targets.k" in capsys.readouterr().err
+    make_hf_model("llama_gqa", base / "other_teacher", seed=1)
+    assert main(["cache", f"teacher={base / 'other_teacher'}", f"tokens={base / 'tokens'}",
+                 f"output={base / 'guarded'}", "progress=false", "targets.k=4"]) == 2
+    assert "teacher.weights_sha256" in capsys.readouterr().err
     assert shard_bytes(base / "guarded") == before
+
+
+def test_token_shard_that_changed_since_its_manifest_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    base, _ = world
+    tokens = tmp_path / "tokens"
+    shutil.copytree(base / "tokens", tokens)
+    shard = sorted(tokens.glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 1
+    shard.write_bytes(bytes(data))
+    code = main(["cache", f"teacher={base / 'teacher'}", f"tokens={tokens}", f"output={tmp_path / 'out'}",
+                 "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and shard.name in err and "sha256" in err
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_nan_teacher_names_the_sample(world, tmp_path, capsys):
