@@ -4,10 +4,9 @@ Each TP rank holds the logits of its vocabulary slice `[N, Vl]` (DESIGN.md's con
 or above the real vocabulary are padding and are sliced away first). Two kinds of target:
 
 - `topk_targets`: every rank takes its local top-K, the `tp·K` candidates are all-gathered and merged
-  into the global top-K; their log-probs are normalised over the full vocabulary (one MAX and one SUM
-  all-reduce), and the log of the remaining mass is a float64 sum over each shard's *non-K* entries,
+  into the global top-K. The remaining mass is a float64 sum over each shard's *non-K* entries,
   all-reduced, then taken to log space — never `1 − Σp`, which cancels when the K ids hold nearly all
-  of the mass.
+  of the mass; the normaliser is that rest plus the K entries' mass (one MAX and one SUM all-reduce).
 - `sampled_targets`: N draws with replacement from softmax(z/T), by inverse CDF in global id order.
   The probabilities become integer weights `⌊2^s · 2^(q/2^16)⌉`, q the exponent `(z−max)·log2 e`
   rounded to 2^-16, with `V·2^(s+1) ≤ 2^53`, so every prefix sum is exact whatever the split; the
@@ -80,13 +79,13 @@ def _topk_chunk(logits: Tensor, k: int, temperature: float, shard: Shard) -> tup
     best_z, slot = merged_z.topk(k, dim=-1)
     ids = merged_ids.gather(-1, slot)
     exp = (z - top.unsqueeze(-1)).exp_()
-    total = all_reduce(exp.sum(dim=-1, dtype=torch.float64), "sum", shard.group)
     owned = (ids >= shard.start) & (ids < shard.start + shard.width)
     rows, cols = owned.nonzero(as_tuple=True)
     exp[rows, ids[rows, cols] - shard.start] = 0.0
     rest = all_reduce(exp.sum(dim=-1, dtype=torch.float64), "sum", shard.group)
-    log_total = total.log()
-    logprobs = (best_z.double() - top.double().unsqueeze(-1) - log_total.unsqueeze(-1)).float()
+    shifted = best_z.double() - top.double().unsqueeze(-1)  # [C, K], identical on every rank
+    log_total = (rest + shifted.exp().sum(dim=-1)).log()  # two positive sums: no cancellation
+    logprobs = (shifted - log_total.unsqueeze(-1)).float()
     log_rest = (rest.log() - log_total).float()
     order = ids.argsort(dim=-1)
     return ids.gather(-1, order), logprobs.gather(-1, order), log_rest
