@@ -73,7 +73,8 @@ class CacheShardWriter:
     def __init__(self, folder: str | Path, name: str, *, source: ShardEntry):
         self.folder, self.name, self.source = Path(folder), name, source
         self._file = _HashingFile(partial_path(self.folder, name))
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        # an int mtime: a float one makes tarfile add a 1 KiB PAX header to every sample
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self.samples = self.positions = 0
         self.floor_bits = 0.0
 

@@ -143,7 +143,7 @@ def test_token_shard_that_changed_since_its_manifest_is_refused(world, tmp_path,
     base, _ = world
     tokens = tmp_path / "tokens"
     shutil.copytree(base / "tokens", tokens)
-    shard = sorted(tokens.glob("*.tar"))[0]
+    shard = min(tokens.glob("*.tar"))
     data = bytearray(shard.read_bytes())
     data[-2000] ^= 1
     shard.write_bytes(bytes(data))
