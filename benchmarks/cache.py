@@ -63,21 +63,6 @@ sys.path.insert(0, ROOT)
 
 # --- table 1: the job against the forward -------------------------------------------------------------------
 
-def make_teacher(args: argparse.Namespace, folder: Path) -> None:
-    """A random LlamaForCausalLM of the benchmark's config, saved as a Hugging Face folder."""
-    import transformers
-    config = transformers.LlamaConfig(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
-        max_position_embeddings=max(2048, args.seq_len), rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-    torch.manual_seed(args.seed)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, args.lm_head_std)
-    model.save_pretrained(folder)
-
-
 def load_batches(tokens_folder: Path, micro_batch: int) -> list[torch.Tensor]:
     """Every sample of the token shards as int64 micro-batches [B, seq_len + 1], in shard order."""
     from pipeline.data.sources import ShardSet
@@ -125,12 +110,14 @@ def time_job(args: argparse.Namespace, teacher: Path, tokens: Path, output: Path
 
 def measure_job(args: argparse.Namespace) -> dict:
     """{row: [tokens/s per round]} and the job summaries' bytes/token."""
+    from benchmarks.model import make_checkpoint  # the model benchmark's teacher builder
     from tests.shardmaker import make_token_shards
+
     results: dict = {"forward": [], "topk": [], "sampled": []}
     stored: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         base = Path(tmp)
-        make_teacher(args, base / "teacher")
+        make_checkpoint(args, base / "teacher", lm_head_std=args.lm_head_std)
         make_token_shards(base / "tokens", [args.samples_per_shard] * args.shards, seq_len=args.seq_len,
                           vocab_size=args.vocab, seed=args.seed)
         batches = load_batches(base / "tokens", args.micro_batch)
@@ -192,6 +179,18 @@ class Distributions:
         return z
 
 
+def encode_sample(c: dict, pieces: list, positions: int) -> tuple[bytes, float]:
+    """One sample's record and its floor bits; counts distinct sampled ids into c["unique"]."""
+    codec = c["codec"]
+    if c["mode"] == "topk":
+        return codec.encode(*pieces), codec.floor_bits() * positions
+    ids, counts = pieces
+    unique = (ids >= 0).sum(axis=1)
+    width = max(1, int(unique.max()))
+    c["unique"] += int(unique.sum()) * c["copies"]
+    return codec.encode(ids[:, :width], counts[:, :width]), float(codec.floor_bits(unique).sum())
+
+
 def write_shards(args: argparse.Namespace, vocab: int, folder: Path) -> list[dict]:
     """Write one cache shard per (mode, K/N) at this V; return each one's row facts and codec."""
     from pipeline.teacher.codec import SampledCodec, TopkCodec, choose_value_bits
@@ -213,6 +212,7 @@ def write_shards(args: argparse.Namespace, vocab: int, folder: Path) -> list[dic
         c["path"] = folder / c["name"]
         c["floor_bits"] = 0.0
         c["unique"] = 0
+        c["copies"] = copies
         source = ShardEntry(f"source-{c['name']}", samples * copies, samples * copies * (positions + 1), "0" * 64)
         c["writer"] = CacheShardWriter(folder, c["name"], source=source)
     dists = Distributions(vocab, args, seed=args.seed + vocab)
@@ -232,18 +232,7 @@ def write_shards(args: argparse.Namespace, vocab: int, folder: Path) -> list[dic
                 parts[id(c)].append([t.numpy() for t in found])
             del z
         for c in configs:
-            pieces = [np.concatenate(p) for p in zip(*parts[id(c)])]
-            codec = c["codec"]
-            if c["mode"] == "topk":
-                payload = codec.encode(*pieces)
-                floor = codec.floor_bits() * positions
-            else:
-                ids, counts = pieces
-                unique = (ids >= 0).sum(axis=1)
-                width = max(1, int(unique.max()))
-                payload = codec.encode(ids[:, :width], counts[:, :width])
-                floor = float(codec.floor_bits(unique).sum())
-                c["unique"] += int(unique.sum()) * copies
+            payload, floor = encode_sample(c, [np.concatenate(p) for p in zip(*parts[id(c)])], positions)
             for copy in range(copies):  # a shard of realistic length: the tar's end padding amortises as in use
                 c["writer"].write(f"s{sample:06d}-{copy:03d}", MEMBERS[c["mode"]], payload, positions=positions,
                                   floor_bits=floor)

@@ -51,8 +51,9 @@ sys.path.insert(0, ROOT)
 
 # --- the checkpoint and the baseline ------------------------------------------------------------------------
 
-def make_checkpoint(args: argparse.Namespace, folder: Path) -> None:
-    """A random LlamaForCausalLM of the benchmark's config, saved as a Hugging Face folder."""
+def make_checkpoint(args: argparse.Namespace, folder: Path, *, lm_head_std: float | None = None) -> None:
+    """A random LlamaForCausalLM of the benchmark's config, saved as a Hugging Face folder; with
+    `lm_head_std`, its output layer is redrawn with that std so the logits are peaked like a trained one's."""
     import transformers
     config = transformers.LlamaConfig(
         hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -61,6 +62,9 @@ def make_checkpoint(args: argparse.Namespace, folder: Path) -> None:
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    if lm_head_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, lm_head_std)
     model.save_pretrained(folder)
 
 

@@ -16,6 +16,7 @@ per member, under 2 % at seq_len 4096 with uint16 ids.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -151,6 +152,29 @@ def _shard_entry(path: Path, index: int, raw) -> ShardEntry:
     return entry
 
 
+class HashingFile:
+    """A write-only file that hashes and counts the bytes passing through it (a shard being written)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.file = open(path, "wb")  # noqa: SIM115 - the shard writer closes it
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, rename: the file appears whole or not at all."""
     path = Path(path)
@@ -160,11 +184,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:

@@ -17,7 +17,6 @@ not counted; `samples * (seq_len + 1)` ids are stored.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -66,20 +65,6 @@ def sample_key(file_index: int, sample_index: int) -> str:
     return f"{file_index:05d}-{sample_index:09d}"
 
 
-class _HashingFile:
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.file.write(data)
-
-
 class _ShardSink:
     """Rolls over to a new shard of one input file when the current one reaches its size or count limit."""
 
@@ -104,7 +89,7 @@ class _ShardSink:
 
         self._name = shard_name(self.file_index, len(self.entries))
         self._tmp = self.out_dir / f".{self._name}.tmp"
-        self._file = _HashingFile(self._tmp)
+        self._file = fmt.HashingFile(self._tmp)
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
         self._count = self._tokens = 0
 
@@ -116,21 +101,13 @@ class _ShardSink:
         os.fsync(self._file.file.fileno())
         self._file.file.close()
         os.replace(self._tmp, self.out_dir / self._name)
-        _fsync_dir(self.out_dir)
+        fmt.fsync_dir(self.out_dir)
         self.entries.append(fmt.ShardEntry(self._name, self._count, self._tokens, self._file.sha.hexdigest()))
         self._writer = None
 
     def close(self) -> list[fmt.ShardEntry]:
         self._finish_shard()
         return self.entries
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clear_file_outputs(out_dir: Path, file_index: int) -> None:

@@ -12,7 +12,6 @@ tar metadata carries no real timestamps.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,21 +21,7 @@ import webdataset as wds
 
 from pipeline.data.sources import SOURCE_SHARDS, stem
 from pipeline.teacher.identity import PROGRESS_DIR
-from tokenization.format import Manifest, ShardEntry, write_atomic, write_manifest
-
-
-class _HashingFile:
-    """A write-only file that hashes and counts the bytes passing through it."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by CacheShardWriter.close
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.file.write(data)
+from tokenization.format import HashingFile, Manifest, ShardEntry, fsync_dir, write_atomic, write_manifest
 
 
 def partial_path(folder: Path, name: str) -> Path:
@@ -72,7 +57,7 @@ class CacheShardWriter:
 
     def __init__(self, folder: str | Path, name: str, *, source: ShardEntry):
         self.folder, self.name, self.source = Path(folder), name, source
-        self._file = _HashingFile(partial_path(self.folder, name))
+        self._file = HashingFile(partial_path(self.folder, name))
         # an int mtime: a float one makes tarfile add a 1 KiB PAX header to every sample
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
         self.samples = self.positions = 0
@@ -90,7 +75,7 @@ class CacheShardWriter:
         os.fsync(self._file.file.fileno())
         self._file.file.close()
         os.replace(partial_path(self.folder, self.name), self.folder / self.name)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         record = ShardRecord(self.name, self.samples, self.source.tokens, self.positions, self._file.size,
                              self._file.sha.hexdigest(), self.source.name, self.source.sha256, self.floor_bits)
         write_atomic(record_path(self.folder, self.name), (json.dumps(record.__dict__, indent=1) + "\n").encode())
@@ -100,14 +85,6 @@ class CacheShardWriter:
         """Drop the partial file (an error mid-shard); a rerun starts this shard over."""
         self._file.file.close()
         partial_path(self.folder, self.name).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_cache_manifest(folder: str | Path, tokens: Manifest, records: list[ShardRecord], extra: dict) -> Manifest:
