@@ -195,13 +195,19 @@ class TokenShardDataset(IterableDataset):
     def _batch(self, streams, step: int) -> dict:
         raws = [streams[src].sample(index) for src, index in map(self.blend.locate, self.layout.positions(step))]
         decoded = [decode_sample(raw, seq_len=self.seq_len, dtype=self.dtype, where=raw["__where__"]) for raw in raws]
-        width = max(len(seg) for _, seg in decoded)
-        segments = np.full((len(decoded), width), -1, dtype=np.int64)
-        for row, (_, seg) in enumerate(decoded):
-            segments[row, : len(seg)] = seg
-        batch = {"tokens": torch.from_numpy(np.stack([tok for tok, _ in decoded]).astype(np.int64)),
-                 "segments": torch.from_numpy(segments), "keys": [raw["__key__"] for raw in raws],
+        tokens, segments = collate(decoded)
+        batch = {"tokens": tokens, "segments": segments, "keys": [raw["__key__"] for raw in raws],
                  "step": step, "epoch": step // self.steps_per_epoch}
         if any(self.sidecars):
             batch["sidecars"] = [raw.get("sidecars", {}) for raw in raws]
         return batch
+
+
+def collate(decoded: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded (tokens, segments) samples as tensors: tokens [B, seq_len+1] int64, segments [B, S] int64
+    padded with −1 to the batch's most segments."""
+    width = max(len(seg) for _, seg in decoded)
+    segments = np.full((len(decoded), width), -1, dtype=np.int64)
+    for row, (_, seg) in enumerate(decoded):
+        segments[row, : len(seg)] = seg
+    return torch.from_numpy(np.stack([tok for tok, _ in decoded]).astype(np.int64)), torch.from_numpy(segments)

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.config import CacheConfig, ConfigError, config_to_dict
+from pipeline.data.dataset import collate
 from pipeline.data.shards import ShardReader, verify_shard
 from pipeline.data.sources import ShardSet
 from pipeline.model.builder import compute_dtype
@@ -171,9 +171,10 @@ class CacheJob:
     def _cache_batch(self, raws: list[dict], where: str, writer: CacheShardWriter | None) -> None:
         manifest = self.tokens.manifest
         decoded = [decode_sample(raw, seq_len=manifest.seq_len, dtype=manifest.dtype, where=where) for raw in raws]
-        tokens = torch.from_numpy(np.stack([t for t, _ in decoded]).astype(np.int64)).to(self.ctx.device)
+        tokens, segments = collate(decoded)
+        tokens = tokens.to(self.ctx.device)
         model = self.teacher.model
-        document_ids = model.document_ids(_segments(decoded), manifest.seq_len)
+        document_ids = model.document_ids(segments, manifest.seq_len)
         logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
         keys = [raw["__key__"] for raw in raws]
         self._check_finite(logits, keys, where)
@@ -209,9 +210,10 @@ class CacheJob:
         ids, counts = ids.cpu().numpy(), counts.cpu().numpy()
         for row, key in enumerate(keys):
             part = slice(row * positions, (row + 1) * positions)
-            width = max(1, int((ids[part] >= 0).sum(axis=1).max()))
+            unique = (ids[part] >= 0).sum(axis=1)
+            width = max(1, int(unique.max()))
             payload = self.codec.encode(ids[part, :width], counts[part, :width])
-            yield key, payload, float(self.codec.floor_bits((ids[part] >= 0).sum(axis=1)).sum())
+            yield key, payload, float(self.codec.floor_bits(unique).sum())
 
     # ---- the end
 
@@ -239,11 +241,3 @@ class CacheJob:
                 "tokens_per_s": positions / seconds if seconds > 0 else 0.0,
                 "bytes_per_token": stored / positions if positions else 0.0, "complete": manifest is not None,
                 "output": self.cfg.output}
-
-
-def _segments(decoded: list) -> torch.Tensor:
-    width = max(len(seg) for _, seg in decoded)
-    segments = np.full((len(decoded), width), -1, dtype=np.int64)
-    for row, (_, seg) in enumerate(decoded):
-        segments[row, : len(seg)] = seg
-    return torch.from_numpy(segments)

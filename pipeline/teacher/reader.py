@@ -18,7 +18,7 @@ import torch
 
 from pipeline.data.sources import ShardSet
 from pipeline.losses.targets import SampledTargets, SparseTargets
-from pipeline.teacher.codec import SampledCodec
+from pipeline.teacher.codec import SampledCodec, pad_width
 from pipeline.teacher.errors import CacheError
 from pipeline.teacher.format import codec_of
 
@@ -67,7 +67,6 @@ class CacheTargets:
 
     def _sampled(self, decoded: list, device) -> SampledTargets:
         width = max(ids.shape[1] for ids, _ in decoded)
-        ids = np.stack([np.pad(i, ((0, 0), (0, width - i.shape[1])), constant_values=-1) for i, _ in decoded])
-        counts = np.stack([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for _, c in decoded])
+        ids, counts = (np.stack(parts) for parts in zip(*(pad_width(i, c, width) for i, c in decoded)))
         return SampledTargets(torch.from_numpy(ids).to(device), torch.from_numpy(counts).to(device),
                               temperature=self.temperature)

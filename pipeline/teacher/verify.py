@@ -114,7 +114,8 @@ class Fidelity:
         wanted = min(sum(counts), max(1, math.ceil(positions / self.source.manifest.seq_len)))
         flat = np.linspace(0, sum(counts) - 1, wanted).round().astype(int)
         starts = np.cumsum([0] + counts[:-1])
-        return [(int(s), int(i - starts[s])) for i in flat for s in [int(np.searchsorted(starts, i, "right") - 1)]]
+        shards = np.searchsorted(starts, flat, side="right") - 1
+        return [(int(shard), int(i - starts[shard])) for i, shard in zip(flat, shards)]
 
     def _read(self, shards: ShardSet, shard: int, sample: int) -> dict:
         entry = shards.manifest.shards[shard]
