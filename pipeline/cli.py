@@ -17,6 +17,7 @@ from typing import Sequence
 
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_model import add_model_commands
+from pipeline.cli_train import add_train_commands
 from pipeline.config import ConfigError, RunConfig, config_reference, dump_yaml, load_config
 
 DESCRIPTION = """\
@@ -26,14 +27,14 @@ distributions while it is pretrained.
 The pipeline runs as stages, each a command on one machine (torchrun) or on a cluster (slurm/):
   tokenize   raw text into token shards
   cache      a tensor-parallel teacher writes sparse next-token targets for every token shard
-  train      the student learns from token shards and the teacher cache (DeepSpeed ZeRO-3, optional TP)
-  eval       perplexity and agreement with the teacher on held-out shards
+  train      the student learns from token shards and the teacher cache (DeepSpeed ZeRO-3, optional TP),
+             evaluated on held-out shards as it goes
   export     the student as a Hugging Face checkpoint
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
-`tokenize`, `verify-shards`, `cache`, `verify-cache`, `convert` and `inspect` are here; the other stages arrive in later versions. Every stage
-reads a YAML config that overrides can change on the command line (section.key=value);
-`distill config` shows the resolved result.
+Checks: verify-shards (token shards), verify-cache (a teacher cache). Every stage reads a YAML
+config that overrides can change on the command line (section.key=value); `distill config` shows
+the resolved result.
 """
 
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_verify_shards)
     add_model_commands(commands)
     add_cache_commands(commands)
+    add_train_commands(commands)
     return parser
 
 
@@ -177,12 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # recorded in what a stage writes (the manifest's command line)
     from pipeline.model.errors import CheckpointError, ModelLayoutError
     from pipeline.teacher.errors import CacheError
+    from pipeline.train.errors import TrainError
     from tokenization.errors import TokenizationError
     from tokenization.format import ShardFormatError
 
     try:
         return args.handler(args) or 0
-    except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError) as err:
+    except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError,
+            TrainError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

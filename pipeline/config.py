@@ -19,8 +19,9 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
                                   dump_yaml, from_dict, greater_than, in_range, load_config, non_negative,
                                   positive, section, setting)
 
-__all__ = ["COMMAND_LINE", "CacheConfig", "Check", "ComputeConfig", "ConfigError", "DivergenceName", "LossConfig", "ModelConfig",
-           "ParallelConfig", "RunConfig", "TargetsConfig",
+__all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
+           "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
+           "ScheduleConfig", "TargetsConfig", "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -212,3 +213,101 @@ class CacheConfig:
     compute: ComputeConfig = section(ComputeConfig, "How the teacher is computed (attention kernel, dtype, "
                                                     "document masking: use the student's setting).")
     targets: TargetsConfig = section(TargetsConfig, "What is stored per position.")
+
+
+@dataclass(frozen=True)
+class TrainDataConfig:
+    """What the student reads: token shards, the teacher cache joined to them, held-out shards."""
+
+    tokens: str = setting("", "Token-shard folder (from `distill tokenize`) to train on. Required.")
+    teacher_cache: str = setting(
+        "", "Teacher cache folder (from `distill cache`) made from exactly these token shards; its keys are joined "
+            "to the tokens and checked. Empty = no teacher: plain next-token training (loss.divergence must be ce).")
+    eval_tokens: str = setting("", "Held-out token shards for eval; empty = no eval.")
+    eval_teacher_cache: str = setting("", "Teacher cache of the held-out shards, for eval's divergence and top-1 "
+                                          "agreement; empty = perplexity only.")
+    tokenizer: str = setting("", "The tokenizer (tokenizer.json or its folder). Optional: when set it is checked "
+                                 "against the shards' fingerprint and copied into exported models.")
+    shuffle: bool = setting(True, "Shuffle shards and samples (a pure function of seed and epoch).")
+    shuffle_window: int = setting(256, "Samples shuffled together; larger mixes better, costs memory per reader.",
+                                  positive)
+    num_workers: int = setting(1, "Data-loader processes per rank that read and decode ahead of the step; 0 reads "
+                                  "in the training process.", non_negative)
+    verify: bool = setting(False, "Check every shard's sha256 when first opened (a full read of it).")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay, as DeepSpeed runs it."""
+
+    lr: float = setting(3e-4, "Peak learning rate, reached at the end of warmup.", positive)
+    min_lr: float = setting(3e-5, "Learning rate at the last step, where the cosine ends.", non_negative)
+    warmup_steps: int = setting(100, "Optimizer steps of linear warmup from lr/warmup_steps to lr.", non_negative)
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay.", non_negative)
+    beta1: float = setting(0.9, "AdamW β1.", in_range(0, 1, high_open=True))
+    beta2: float = setting(0.95, "AdamW β2.", in_range(0, 1, high_open=True))
+    eps: float = setting(1e-8, "AdamW ε.", positive)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this; 0 turns clipping off.", non_negative)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How long the run is and how a step is made of micro-batches."""
+
+    steps: int = setting(1000, "Optimizer steps of the whole run (the cosine schedule ends here).", positive)
+    micro_batch: int = setting(4, "Samples per rank per forward pass.", positive)
+    grad_accumulation: int = setting(1, "Micro-batches per optimizer step on each rank. Global batch = micro_batch "
+                                        "× grad_accumulation × dp. The sample order depends only on micro_batch "
+                                        "and grad_accumulation × dp, so 1 rank × 8 equals 8 ranks × 1.", positive)
+    max_nonfinite_steps: int = setting(10, "Steps whose loss or gradient is NaN or inf are skipped and counted; "
+                                           "the run stops with an error when the count exceeds this.", non_negative)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept (under run_dir/checkpoints)."""
+
+    every: int = setting(500, "Save every this many steps (and at the end, and on preemption); 0 = only then.",
+                         non_negative)
+    keep: int = setting(3, "Keep the newest this many complete checkpoints; older ones are deleted.", positive)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: perplexity, divergence to the teacher, top-1 agreement."""
+
+    every: int = setting(500, "Evaluate every this many steps (and at the end); 0 = only at the end.", non_negative)
+    batches: int = setting(16, "Micro-batches per rank per evaluation (the same ones every time).", positive)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """What a person watching the run sees."""
+
+    console_every: int = setting(10, "Print a console line every this many steps (rank 0).", positive)
+    tensorboard: bool = setting(True, "Write TensorBoard events under run_dir/tensorboard (rank 0).")
+    progress: bool = setting(True, "Console lines and the end-of-run summary; off for quiet runs.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The student trainer (`distill train`): DeepSpeed ZeRO-3 over the data-parallel ranks, optional TP."""
+
+    seed: int = setting(1234, "Seed of the initial weights and the data order; the same seed, config and data "
+                              "repeat a run bit for bit at any data-parallel size.", non_negative)
+    run_dir: str = setting("", "Folder of this run: checkpoints/, tensorboard/, metrics.jsonl, config.yaml. Running "
+                               "again with the same run_dir resumes from checkpoints/latest. Required.")
+    data: TrainDataConfig = section(TrainDataConfig, "The training and held-out data.")
+    model: ModelConfig = section(ModelConfig, "The student's architecture (a new model, initialised from seed).")
+    compute: ComputeConfig = section(ComputeConfig, "How the student is computed (dtype, attention, document "
+                                                    "masking).")
+    parallel: ParallelConfig = section(ParallelConfig, "Process layout: world = dp × tp; ZeRO-3 shards over dp.")
+    loss: LossConfig = section(LossConfig, "The distillation loss.")
+    optim: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
+    schedule: ScheduleConfig = section(ScheduleConfig, "Steps and batch sizes.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
+    log: LogConfig = section(LogConfig, "Console and TensorBoard.")
+    deepspeed: dict = setting({}, "Keys merged last into the generated DeepSpeed config (nested mappings merge key "
+                                  "by key), e.g. {zero_optimization: {stage3_prefetch_bucket_size: 5e7}}. The "
+                                  "generated config is written to run_dir/deepspeed.json.")

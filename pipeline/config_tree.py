@@ -1,10 +1,10 @@
 """Generic machinery for config trees of frozen dataclasses: YAML in, overrides, checks, YAML out.
 
 A config tree is a frozen dataclass whose fields are settings (bool, int, float, str, Literal[...],
-Optional[...], list[X] or tuple[X, ...]) or nested sections (frozen dataclasses). Each field carries
-its documentation and constraint in `field(metadata=...)`, declared with `setting` and `section`. The
-functions here (`load_config`, `from_dict`, `config_to_dict`, `dump_yaml`, `config_reference`) walk any
-such tree by its type hints; they know nothing about the pipeline's own sections (pipeline/config.py).
+Optional[...], list[X], tuple[X, ...], or a free-form dict passed through to another tool) or nested
+sections (frozen dataclasses). Each field carries its documentation and constraint in
+`field(metadata=...)`, declared with `setting` and `section`. The functions here (`load_config`,
+`from_dict`, `config_to_dict`, `dump_yaml`, `config_reference`) walk any such tree by its type hints; they know nothing about the pipeline's own sections (pipeline/config.py).
 
 Design choice: validation is strict and happens once, at load time, against the type hints. A
 misspelt key, a string where an int belongs or a value out of range stops the run with a message
@@ -15,6 +15,7 @@ skips the checks, so code that builds configs by hand should go through `from_di
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -87,8 +88,8 @@ def setting(default: Any, doc: str, check: Check | None = None) -> Any:
     A list default is copied for each instance.
     """
     metadata = {"doc": doc} if check is None else {"doc": doc, "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -232,6 +233,8 @@ def _coerce(value: Any, hint: Any, key: str, check: Check | None) -> Any:
     origin = get_origin(hint)
     if origin in (tuple, list):
         return _coerce_sequence(value, hint, key, check)
+    if hint is dict or origin is dict:
+        return _coerce_mapping(value, key)
     result = _choose(value, get_args(hint), key) if origin is Literal else _coerce_scalar(value, hint, key)
     if check is not None and not check(result):
         raise ConfigError(key, f"expected {check.expected}, got {result!r}")
@@ -246,6 +249,15 @@ def _coerce_sequence(value: Any, hint: Any, key: str, check: Check | None) -> tu
     if not isinstance(value, (list, tuple)):
         raise ConfigError(key, f"expected a list of {_type_name(args[0])}, got {_show(value)}")
     return origin(_coerce(item, args[0], f"{key}[{index}]", check) for index, item in enumerate(value))
+
+
+def _coerce_mapping(value: Any, key: str) -> dict:
+    """A free-form mapping (keys passed through to another tool's config): any YAML mapping, copied."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+    return copy.deepcopy(dict(value))
 
 
 def _choose(value: Any, choices: tuple, key: str) -> Any:
@@ -299,6 +311,9 @@ def _apply_override(cls: type, raw: dict, path: list[str], value: Any) -> None:
         if last:
             node[name] = value
             return
+        if hint is dict or get_origin(hint) is dict:  # a free-form mapping: the rest of the path is inside it
+            _set_nested(node, path[depth:], value, key)
+            return
         section_cls = _section_type(hint)
         if section_cls is None:
             raise ConfigError(".".join(path), f"{key!r} is a setting, not a section", COMMAND_LINE)
@@ -307,6 +322,19 @@ def _apply_override(cls: type, raw: dict, path: list[str], value: Any) -> None:
             raise ConfigError(key, f"expected a mapping of {section_cls.__name__} settings, got {_show(child)}")
         node[name] = dict(child)  # a copy, so a section YAML aliases elsewhere keeps its own values
         node = node[name]
+
+
+def _set_nested(node: dict, path: list[str], value: Any, key: str) -> None:
+    """node[path[0]]...[path[-1]] = value inside a free-form mapping, creating the mappings on the way."""
+    for name in path[:-1]:
+        child = node.get(name)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"expected a mapping at {name!r}, got {_show(child)}", COMMAND_LINE)
+        node[name] = dict(child)
+        node = node[name]
+    node[path[-1]] = value
 
 
 def _source_of(key: str, overridden: Sequence[str], path: Path | None) -> str | None:
@@ -400,4 +428,6 @@ def _type_name(hint: Any) -> str:
         return "one of " + ", ".join(str(choice) for choice in get_args(hint))
     if get_origin(hint) in (tuple, list):
         return f"list of {_type_name(get_args(hint)[0])}"
+    if hint is dict or get_origin(hint) is dict:
+        return "mapping"
     return getattr(hint, "__name__", str(hint))

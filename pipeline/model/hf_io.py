@@ -13,7 +13,6 @@ parameter, which is nothing next to the disk.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +26,8 @@ from pipeline.config import ComputeConfig, ModelConfig
 from pipeline.model.builder import LlamaGPT, build_model
 from pipeline.model.checkpoint_files import CheckpointError, SafetensorsFolder, ShardedWriter
 from pipeline.model.hf_config import hf_config_dict, model_config_from_hf
-from pipeline.model.layout import TensorRule, check_tp, fill_from_reader, hf_from_shards, hf_shapes, tensor_rules
+from pipeline.model.layout import (TensorRule, check_tp, fill_from_reader, hf_from_shards, hf_shapes, tensor_rules,
+                                   whole)
 from pipeline.parallel import ParallelContext
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
@@ -62,14 +62,6 @@ def load_hf(path: str | Path, ctx: ParallelContext, compute: ComputeConfig = Com
     return model
 
 
-def _gathered(param: Tensor):
-    """Context exposing the whole local (TP-shard) tensor of a parameter, even if ZeRO-3 partitioned it."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def gathered_hf_tensors(model: LlamaGPT, ctx: ParallelContext):
     """Yield (HF name, full tensor) on global rank 0, in checkpoint order; the other ranks yield nothing.
 
@@ -79,7 +71,7 @@ def gathered_hf_tensors(model: LlamaGPT, ctx: ParallelContext):
     tp_src = ctx.tp_src_rank
     for rule in tensor_rules(model.model_config):
         param = params[rule.megatron]
-        with _gathered(param):
+        with whole(param):
             shards = _gather_tp(param.detach(), ctx, tp_src, rule) if ctx.dp_rank == 0 else None
         if ctx.rank == 0:
             yield from hf_from_shards(rule, shards, model.model_config).items()

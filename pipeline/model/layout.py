@@ -13,6 +13,7 @@ the cost is that the fused QKV shard is assembled head block by head block (one 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -179,15 +180,29 @@ def hf_from_shards(rule: TensorRule, shards: list[Tensor], cfg: ModelConfig) -> 
 
 
 @torch.no_grad()
+def whole(param: Tensor, *, modify: bool = False):
+    """Context exposing the whole local (TP-shard) tensor of a parameter, even if DeepSpeed ZeRO-3
+    partitioned it over the data-parallel ranks. With `modify`, what data-parallel rank 0 writes into
+    it is scattered back to every rank's partition on exit (collective over the DP group)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
+    return contextlib.nullcontext()
+
+
 def fill_from_reader(model, read: Reader, tp: int, rank: int) -> None:
-    """Copy every parameter of `model` (a LlamaGPT) for TP rank `rank` from `read`."""
+    """Copy every parameter of `model` (a LlamaGPT) for TP rank `rank` from `read`.
+
+    Under ZeRO-3 (a model built inside `deepspeed.zero.Init`) every rank gathers one parameter at a
+    time and data-parallel rank 0's copy is partitioned back; the reads are the same on every rank."""
     params = dict(model.named_parameters())
     for rule in tensor_rules(model.model_config):
         param = params.pop(rule.megatron)
         shard = shard_from_hf(rule, read, model.model_config, tp, rank, model.padded_vocab)
-        if shard.shape != param.shape:
-            raise CheckpointError(f"{rule.megatron}: built a shard of shape {list(shard.shape)} from {rule.hf}, "
-                                  f"the model expects {list(param.shape)}")
-        param.copy_(shard)
+        with whole(param, modify=True), torch.no_grad():
+            if shard.shape != param.shape:
+                raise CheckpointError(f"{rule.megatron}: built a shard of shape {list(shard.shape)} from "
+                                      f"{rule.hf}, the model expects {list(param.shape)}")
+            param.copy_(shard)
     if params:
         raise RuntimeError(f"parameters without an import rule: {sorted(params)}")

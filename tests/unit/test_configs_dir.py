@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CacheConfig, RunConfig, dump_yaml, load_config
+from pipeline.config import CacheConfig, RunConfig, TrainConfig, dump_yaml, load_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-ROOT_BY_PREFIX: dict[str, type] = {"loss_": RunConfig, "cache_": CacheConfig}
+ROOT_BY_PREFIX: dict[str, type] = {"loss_": RunConfig, "cache_": CacheConfig, "student_": TrainConfig}
 """Which root class a config file fills, by file-name prefix; RunConfig for any other name."""
 
 

@@ -1,0 +1,101 @@
+"""The student as a DeepSpeed ZeRO-3 engine, and one optimizer step of it.
+
+`build_engine` builds the student with the models package's builder inside `deepspeed.zero.Init`, so
+no rank ever holds the whole model: each parameter is partitioned over the data-parallel group as
+soon as its module exists, and the seeded initial weights are written one gathered parameter at a
+time (identical at every TP and DP size). `ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over
+the DP group and the TP ranks of a DP group hold different slices of the same model.
+
+`StudentStep.run` feeds the micro-batches of one optimizer step through forward, `distill_loss` and
+DeepSpeed's backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them,
+and skips the update (counting it in `engine.skipped_steps`) when a gradient is not finite.
+
+Design choice: the loss parts and metrics are summed on the device and all-reduced once per step
+over the DP group (one small collective), never per micro-batch; the cost is that a console line
+reports the average over the step's micro-batches, not the last one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+from pipeline.losses import distill_loss
+from pipeline.model.builder import build_model, compute_dtype
+from pipeline.parallel import ParallelContext
+from pipeline.train.deepspeed_config import deepspeed_config, lr_scheduler_factory
+
+PARTS = ("loss", "kd_loss", "ce_loss", "top1_agreement")
+
+
+def import_deepspeed(ctx: ParallelContext):
+    """deepspeed, imported for this process's device (its CPU accelerator off CUDA) and launcher."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # zero.Init reads it; a world of one lacks it
+    import deepspeed
+    return deepspeed
+
+
+def build_engine(cfg: TrainConfig, ctx: ParallelContext):
+    """(engine, the DeepSpeed config it runs with) for a new student initialised from `cfg.seed`."""
+    deepspeed = import_deepspeed(ctx)
+    ds_config = deepspeed_config(cfg, compute_dtype(cfg.compute, ctx.device))
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=ctx, data_parallel_group=ctx.dp_group):
+        model = build_model(cfg.model, cfg.compute, ctx, seed=cfg.seed)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=ctx, dist_init_required=False,
+                                           lr_scheduler=lr_scheduler_factory(cfg))
+    return engine, ds_config
+
+
+@dataclass
+class StepResult:
+    """The DP-averaged loss parts and metrics of one optimizer step, and whether it was applied."""
+
+    values: dict
+    tokens: int
+    skipped: bool
+    grad_norm: float
+
+
+class StudentStep:
+    """Runs optimizer steps of `engine` on micro-batches, with teacher targets from `targets` (or none)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, engine, targets):
+        self.cfg, self.ctx, self.engine, self.targets = cfg, ctx, engine, targets
+        self.loss_kwargs = dict(divergence=cfg.loss.divergence, tp_group=ctx.tp_group,
+                                temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
+                                chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size,
+                                **cfg.loss.divergence_params())
+
+    def forward(self, batch: dict, *, targets=True):
+        """(logits [B, S, Vl], labels [B, S], the batch's teacher targets or None)."""
+        device = self.ctx.device
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        documents = self.engine.module.document_ids(batch["segments"], inputs.shape[1])
+        teacher = self.targets.targets(batch, device) if (targets and self.targets is not None) else None
+        return self.engine(inputs, document_ids=documents), labels, teacher
+
+    def run(self, micro_batches: list) -> StepResult:
+        sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
+        skipped_before = self.engine.skipped_steps
+        for batch in micro_batches:
+            logits, labels, teacher = self.forward(batch)
+            out = distill_loss(logits, teacher, labels=labels, **self.loss_kwargs)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            count = out.num_tokens
+            parts = (out.loss.detach(), out.kd, out.ce, out.metrics["top1_agreement"])
+            sums += torch.stack([torch.as_tensor(p, dtype=torch.float64, device=sums.device) * count
+                                 for p in parts] + [torch.tensor(float(count), dtype=torch.float64,
+                                                                 device=sums.device)])
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(sums, group=self.ctx.dp_group)
+        total = float(sums[-1])
+        values = {name: float(sums[i]) / max(total, 1.0) for i, name in enumerate(PARTS)}
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(values, int(total), self.engine.skipped_steps > skipped_before,
+                          float("nan") if norm is None else float(norm))

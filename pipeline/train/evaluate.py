@@ -1,0 +1,77 @@
+"""Held-out evaluation: the student's perplexity, its KL divergence to the teacher, top-1 agreement.
+
+Every DP rank reads its own `eval.batches` micro-batches of the held-out shards, in a fixed order (no
+shuffle), the same ones at every evaluation, so successive evaluations are comparable. Sums are
+weighted by token and all-reduced over the DP group. The divergence reported is always the forward
+KL(teacher ‖ student) on the cache's targets (with the rest bucket for top-K), whatever the training
+divergence, so runs trained with different divergences are measured with one ruler.
+
+Design choice: eval runs the same engine (under ZeRO-3 every rank gathers the same parameters in the
+same order, so every DP rank does the same number of forwards); the cost is that eval time is not
+spread over idle ranks: a rank with nothing left to read would still have to join the gathers.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+from pipeline.losses import distill_loss
+from pipeline.parallel import ParallelContext
+from pipeline.teacher.reader import CacheTargets
+from pipeline.train.stream import TEACHER, make_dataset
+
+
+class Evaluator:
+    """Evaluates a `StudentStep`'s engine on the held-out shards of `cfg.data`."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext):
+        self.cfg, self.ctx = cfg, ctx
+        data = cfg.data
+        self.dataset = make_dataset(data.eval_tokens, data.eval_teacher_cache, cfg, rank=ctx.dp_rank,
+                                    size=ctx.dp_size, shuffle=False)
+        self.targets = CacheTargets(data.eval_teacher_cache, prefix=TEACHER,
+                                    sparse_mode=cfg.loss.target_mode) if data.eval_teacher_cache else None
+        self.batches = min(cfg.eval.batches, self.dataset.steps_per_epoch)
+        if self.batches < cfg.eval.batches and ctx.rank == 0:
+            warnings.warn(f"eval.batches={cfg.eval.batches} but {data.eval_tokens} holds only {self.batches} "
+                          f"micro-batches per rank at dp={ctx.dp_size}; evaluating on {self.batches}")
+
+    def run(self, step) -> dict:
+        """eval/… scalars for the engine of `step` (a StudentStep); collective over the world."""
+        engine = step.engine
+        engine.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # ce, kl, top1, tokens
+        self.dataset.load_state_dict(self.dataset.state_dict(0))
+        stream = iter(self.dataset)
+        try:
+            with torch.no_grad():
+                for _ in range(self.batches):
+                    sums += self._one(step, next(stream))
+        finally:
+            stream.close()
+            engine.train()
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(sums, group=self.ctx.dp_group)
+        tokens = max(float(sums[3]), 1.0)
+        ce = float(sums[0]) / tokens
+        out = {"eval/loss": ce, "eval/perplexity": math.exp(min(ce, 700.0))}
+        if self.targets is not None:
+            out["eval/divergence"] = float(sums[1]) / tokens
+            out["eval/top1_agreement"] = float(sums[2]) / tokens
+        return out
+
+    def _one(self, step, batch: dict) -> torch.Tensor:
+        logits, labels, _ = step.forward(batch, targets=False)
+        common = dict(tp_group=self.ctx.tp_group, vocab_size=self.cfg.model.vocab_size, labels=labels)
+        ce = distill_loss(logits, None, divergence="ce", **common)
+        count = float(ce.num_tokens)
+        row = [float(ce.ce) * count, 0.0, 0.0, count]
+        if self.targets is not None:
+            teacher = self.targets.targets(batch, self.ctx.device)
+            kl = distill_loss(logits, teacher, divergence="kl", temperature=self.targets.temperature, **common)
+            row[1], row[2] = float(kl.metrics["divergence"]) * count, float(kl.metrics["top1_agreement"]) * count
+        return torch.tensor(row, dtype=torch.float64, device=self.ctx.device)

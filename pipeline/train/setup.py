@@ -1,0 +1,99 @@
+"""What a run checks before it builds anything, and the identity its checkpoints carry.
+
+`check_settings` refuses combinations that would fail later or train the wrong thing, each with the
+setting to change: no teacher but a divergence that needs one, sampled targets with a divergence that
+is not linear in the teacher's probabilities, a temperature other than the cache's, a vocabulary the
+student cannot score. `run_identity` is what a checkpoint must share with the run that resumes it.
+
+Design choice: these checks read manifests only (no shard, no model), so a wrong config fails in a
+second, on every rank alike, before any process group waits; the cost is that a cache whose shards
+are damaged is found later, by the reader, with its own message.
+"""
+from __future__ import annotations
+
+import json
+
+from pipeline.config import TrainConfig, config_to_dict
+from pipeline.data.sources import ShardSet
+from pipeline.model.builder import compute_dtype
+from pipeline.parallel import ParallelContext
+from pipeline.train.errors import TrainError
+
+SAMPLED_DIVERGENCES = ("kl", "ce")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """A TrainError naming the setting when the config cannot train as written."""
+    for key, value in (("run_dir", cfg.run_dir), ("data.tokens", cfg.data.tokens)):
+        if not value:
+            raise TrainError(f"{key}: is required; set it in the config or as an override ({key}=PATH)")
+    if not cfg.data.teacher_cache and cfg.loss.divergence != "ce":
+        raise TrainError(f"loss.divergence={cfg.loss.divergence!r} needs a teacher, but data.teacher_cache is empty; "
+                         "set data.teacher_cache to a cache from `distill cache`, or loss.divergence=ce for plain "
+                         "next-token training")
+    if cfg.data.eval_teacher_cache and not cfg.data.eval_tokens:
+        raise TrainError("data.eval_teacher_cache is set but data.eval_tokens is empty; set both or neither")
+    tokens = ShardSet(cfg.data.tokens).manifest
+    if tokens.vocab_size > cfg.model.vocab_size:
+        raise TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the token shards "
+                         f"in {cfg.data.tokens} ({tokens.vocab_size}); set model.vocab_size to at least that")
+    for cache in (cfg.data.teacher_cache, cfg.data.eval_teacher_cache):
+        if cache:
+            _check_cache(cfg, cache)
+    if cfg.data.tokenizer:
+        _check_tokenizer(cfg.data.tokenizer, tokens.tokenizer_fingerprint, cfg.data.tokens)
+
+
+def _check_cache(cfg: TrainConfig, cache: str) -> None:
+    from pipeline.teacher.reader import CacheTargets
+
+    targets = CacheTargets(cache)
+    mode = targets.record.get("mode")
+    if mode == "sampled" and cfg.loss.divergence not in SAMPLED_DIVERGENCES:
+        raise TrainError(f"loss.divergence={cfg.loss.divergence!r} with the sampled cache {cache}: counts/N is an "
+                         "unbiased teacher only inside losses linear in it; use loss.divergence=kl (or a top-K cache "
+                         "for rkl, js, tvd and the skewed ones)")
+    if abs(targets.temperature - cfg.loss.temperature) > 1e-12:
+        raise TrainError(f"loss.temperature={cfg.loss.temperature} but the cache {cache} was written at temperature "
+                         f"{targets.temperature}; set loss.temperature={targets.temperature} or remake the cache")
+    if targets.vocab_size > cfg.model.vocab_size:
+        raise TrainError(f"the teacher of {cache} scores {targets.vocab_size} ids but model.vocab_size is "
+                         f"{cfg.model.vocab_size}; its targets could name ids the student cannot score. Set "
+                         f"model.vocab_size to at least {targets.vocab_size}")
+
+
+def _check_tokenizer(path: str, expected: str, tokens: str) -> None:
+    from tokenization.tokenizer import fingerprint, load_tokenizer
+
+    found = fingerprint(load_tokenizer(path))
+    if found != expected:
+        raise TrainError(f"data.tokenizer={path}: fingerprint {found[:12]}… is not the one the token shards in "
+                         f"{tokens} were made with ({expected[:12]}…)")
+
+
+def open_teacher(cfg: TrainConfig, cache: str):
+    """The cache's target decoder, or None without a teacher."""
+    if not cache:
+        return None
+    from pipeline.teacher.reader import CacheTargets
+    from pipeline.train.stream import TEACHER
+
+    return CacheTargets(cache, prefix=TEACHER, sparse_mode=cfg.loss.target_mode)
+
+
+def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dict:
+    """What a checkpoint must share with the run that resumes it (JSON-plain, compared key by key)."""
+    tokens = ShardSet(cfg.data.tokens)
+    identity = {
+        "model": config_to_dict(cfg.model),
+        "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
+                    "document_masking": cfg.compute.document_masking, "vocab_multiple": cfg.compute.vocab_multiple},
+        "tokenizer": tokens.manifest.tokenizer_fingerprint,
+        "data": stream.datasets[0].fingerprint,
+        "teacher_cache": None if teacher is None else ShardSet(teacher.location).fingerprint(),
+        "loss": config_to_dict(cfg.loss),
+        "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size},
+        "batch": {"micro_batch": cfg.schedule.micro_batch, "grad_accumulation": cfg.schedule.grad_accumulation},
+        "seed": cfg.seed,
+    }
+    return json.loads(json.dumps(identity))
