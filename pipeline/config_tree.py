@@ -4,7 +4,8 @@ A config tree is a frozen dataclass whose fields are settings (bool, int, float,
 Optional[...], list[X], tuple[X, ...], or a free-form dict passed through to another tool) or nested
 sections (frozen dataclasses). Each field carries its documentation and constraint in
 `field(metadata=...)`, declared with `setting` and `section`. The functions here (`load_config`,
-`from_dict`, `config_to_dict`, `dump_yaml`, `config_reference`) walk any such tree by its type hints; they know nothing about the pipeline's own sections (pipeline/config.py).
+`from_dict`, `config_to_dict`, `dump_yaml`, `config_reference`) walk any such tree by its type hints;
+they know nothing about the pipeline's own sections (pipeline/config.py).
 
 Design choice: validation is strict and happens once, at load time, against the type hints. A
 misspelt key, a string where an int belongs or a value out of range stops the run with a message
