@@ -64,3 +64,38 @@ def final_weights(run_dir: Path, out: Path) -> dict:
 
 
 assert VOCAB == 300  # STUDENT's vocab_size matches the teacher's
+
+
+def launch(overrides: list[str], world: int = 1, *, log_dir: Path | None = None) -> list:
+    """`python -m pipeline train` as `world` processes with torchrun's variables set (as srun-style ranks
+    would be), each process's output in log_dir/rank_N.log. Returns the Popen objects."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    port, procs = free_port(), []
+    log_dir = Path(log_dir or overrides_run_dir(overrides).parent)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+        log = open(log_dir / f"{overrides_run_dir(overrides).name}_rank_{rank}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *overrides], cwd=root, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def overrides_run_dir(overrides: list[str]) -> Path:
+    return Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")))
+
+
+def logged_steps(run_dir: Path) -> int:
+    """The last train step in metrics.jsonl (0 when none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)

@@ -1,0 +1,89 @@
+"""Token shards of a synthetic language with learnable structure: a seeded first-order Markov chain.
+
+`MarkovLanguage(vocab_size, seed)` draws, for every token, a small set of plausible successors (5 to 20
+of them) with Dirichlet weights, plus a small chance of ending the document (the EOS id). Its entropy
+is real (a few nats per token, far below log(vocab)), so a model can learn it but not memorise it.
+`make_language_shards(folder, language, sizes, seed=...)` writes documents of that chain, packed back
+to back (concat packing, segments at document starts) into token shards of the project's format, the
+way tests/shardmaker.py does: same chain with another seed = a held-out set of the same language.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from tokenization.format import Manifest, ShardEntry, encode_sample, write_manifest
+
+FINGERPRINT = "m" * 64
+
+
+class MarkovLanguage:
+    """A first-order Markov chain over ids 1..vocab_size-1; id `eos_id` (0) ends a document."""
+
+    def __init__(self, vocab_size: int = 300, *, seed: int = 0, successors: tuple[int, int] = (5, 20),
+                 alpha: float = 1.0, eos_prob: float = 0.02):
+        rng = np.random.default_rng(seed)
+        self.vocab_size, self.eos_id = vocab_size, 0
+        self.transitions = np.zeros((vocab_size, vocab_size))
+        for state in range(vocab_size):
+            count = int(rng.integers(successors[0], successors[1] + 1))
+            nexts = rng.choice(np.arange(1, vocab_size), size=count, replace=False)
+            self.transitions[state, nexts] = rng.dirichlet(np.full(count, alpha)) * (1 - eos_prob)
+            self.transitions[state, self.eos_id] = eos_prob
+        self.transitions[self.eos_id, self.eos_id] = 0.0  # a document never starts with EOS
+        self.transitions[self.eos_id] /= self.transitions[self.eos_id].sum()
+        self._cumulative = np.cumsum(self.transitions, axis=1)
+
+    def entropy(self) -> float:
+        """The chain's entropy rate in nats per token (under its stationary distribution)."""
+        values, vectors = np.linalg.eig(self.transitions.T)
+        stationary = np.abs(np.real(vectors[:, np.argmin(np.abs(values - 1))]))
+        stationary /= stationary.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.where(self.transitions > 0, np.log(self.transitions), 0.0)
+        return float(-(stationary[:, None] * self.transitions * logs).sum())
+
+    def stream(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        """`length` ids of documents back to back, each ending with EOS (the first starts after one)."""
+        out = np.empty(length, dtype=np.int64)
+        state = self.eos_id
+        uniforms = rng.random(length)
+        for i in range(length):
+            state = min(int(np.searchsorted(self._cumulative[state], uniforms[i], side="right")), self.vocab_size - 1)
+            out[i] = state
+        return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _segments(window: np.ndarray, eos_id: int) -> np.ndarray:
+    """[0, start of every document after an EOS inside the window, end]."""
+    starts = (np.flatnonzero(window[:-1] == eos_id) + 1).tolist()
+    return np.array([0] + starts + [len(window)], dtype=np.int32)
+
+
+def make_language_shards(folder, language: MarkovLanguage, sizes, *, seq_len: int = 32, seed: int = 0,
+                         prefix: str = "shard") -> Manifest:
+    """A folder of len(sizes) shards holding sizes[i] windows of seq_len + 1 ids of `language`, and its manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if language.vocab_size < 65536 else np.uint32
+    entries = []
+    for shard, count in enumerate(sizes):
+        name = f"{prefix}-{shard:06d}.tar"
+        windows = language.stream(rng, count * (seq_len + 1)).reshape(count, seq_len + 1)
+        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+            for offset, window in enumerate(windows):
+                segments = _segments(window, language.eos_id)
+                writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", window.astype(dtype), segments))
+        entries.append(ShardEntry(name, count, count * (seq_len + 1), _sha256(folder / name)))
+    manifest = Manifest(FINGERPRINT, language.vocab_size, language.eos_id, seq_len, "concat", tuple(entries),
+                        "tests/languagemaker.py")
+    write_manifest(folder, manifest)
+    return manifest
