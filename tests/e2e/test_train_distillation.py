@@ -29,7 +29,7 @@ from tests.trainkit import STUDENT, student_overrides, train_config
 SEQ_LEN = 32
 TEACHER = ["model.vocab_size=300", "model.hidden_size=128", "model.intermediate_size=256", "model.num_layers=2",
            "model.num_heads=4", "model.num_kv_heads=2", "compute.vocab_multiple=64"]
-TEACHER_RUN = dict(steps=300, micro_batch=16, optim__lr=0.01, optim__warmup_steps=20)
+TEACHER_RUN = dict(steps=200, micro_batch=16, optim__lr=0.01, optim__warmup_steps=20)
 STUDENT_RUN = dict(steps=60, micro_batch=8, optim__lr=0.01, optim__warmup_steps=5)
 TRAIN_SAMPLES, HELDOUT_SAMPLES = [1000, 1000], [256]
 TOP_K = 16
@@ -80,7 +80,7 @@ def _pipeline(rank: int, world: int, folder: Path, student_seeds: list[int]) -> 
     return rows
 
 
-def make_data(folder: Path) -> None:
-    language = MarkovLanguage(300, seed=0)
+def make_data(folder: Path, language_seed: int = 0) -> None:
+    language = MarkovLanguage(300, seed=language_seed)
     make_language_shards(folder / "train", language, TRAIN_SAMPLES, seq_len=SEQ_LEN, seed=1)
     make_language_shards(folder / "heldout", language, HELDOUT_SAMPLES, seq_len=SEQ_LEN, seed=2)
