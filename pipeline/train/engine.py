@@ -58,6 +58,7 @@ class StepResult:
     tokens: int
     skipped: bool
     grad_norm: float
+    lr: float
 
 
 class StudentStep:
@@ -81,7 +82,7 @@ class StudentStep:
 
     def run(self, micro_batches: list) -> StepResult:
         sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
-        skipped_before = self.engine.skipped_steps
+        skipped_before, lr = self.engine.skipped_steps, self.engine.get_lr()[0]
         for batch in micro_batches:
             logits, labels, teacher = self.forward(batch)
             out = distill_loss(logits, teacher, labels=labels, **self.loss_kwargs)
@@ -98,4 +99,4 @@ class StudentStep:
         values = {name: float(sums[i]) / max(total, 1.0) for i, name in enumerate(PARTS)}
         norm = self.engine.get_global_grad_norm()
         return StepResult(values, int(total), self.engine.skipped_steps > skipped_before,
-                          float("nan") if norm is None else float(norm))
+                          float("nan") if norm is None else float(norm), lr)

@@ -109,6 +109,7 @@ def rank_files(tag_folder: Path, tp: int, dp: int) -> dict[int, list[tuple[Path,
 
 def _tp_rank_state(files: list[tuple[Path, Path]], scratch: Path, tp_rank: int) -> dict:
     """One TP rank's parameters as zero_to_fp32 pseudo-tensors (`.contiguous()` reads one), by megatron name."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading files needs no device; DeepSpeed would warn guessing
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = f"tp_rank_{tp_rank:02d}"

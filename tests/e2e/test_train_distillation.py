@@ -1,19 +1,21 @@
 """Distillation works: a student trained on a teacher's top-K targets beats the same student trained on labels.
 
 The language is a seeded first-order Markov chain over 300 ids (tests/languagemaker.py): every id has 5
-to 20 successors with Dirichlet weights, so the best possible perplexity is about 8.4 while a unigram
-model sits near 260. A teacher (hidden 128) is trained here with the project's trainer on plain
-next-token CE, exported to a Hugging Face folder, and cached (top-16 + rest mass) over the training and
-held-out shards by the real cache job. Then one small student (hidden 64) is trained twice for the same
-short budget (same data, steps, schedule and seed): once with CE on the labels, once with forward KL to
-the cached targets. Each training position then tells the KD student a whole next-token distribution
-instead of one draw from it, so with the same samples it learns the transition table much faster.
+to 20 successors with Dirichlet weights, so the best possible perplexity is about 8.4 and a unigram model
+sits near 260. A teacher (hidden 128, 2 layers) is trained here with the project's trainer on plain
+next-token CE, exported to a Hugging Face folder and cached (top-16 + rest mass) over the training and
+held-out shards by the real cache job. Then the small student (hidden 64) is trained twice on the same
+budget (same shards, 60 steps of 8 samples, same schedule, same seed, so the same initial weights and
+data order): once with CE on the labels, once with forward KL to the cached targets. Each position then
+shows the KD student a whole next-token distribution instead of one draw from it, so from the same 480
+samples it learns the transition table much better. Eval is the trainer's own, on all 256 held-out samples.
 
-Why the margin does not flake: everything is seeded (language, shards, initial weights, data order,
-cache) and runs in fp32 on CPU, so a rerun on one machine gives the same numbers; across machines and
-seeds only float rounding and the students' initialisation move them. Measured over student seeds (see
-MEASURED), the KD student's held-out perplexity was 30–40 % below the CE student's; the test asks for
-MARGIN, well inside that gap.
+Why the margins do not flake: everything is seeded (language, shards, initial weights, data order, cache)
+and runs in fp32 on CPU, so a rerun gives the same numbers up to float rounding. Measured over student
+seeds 1-5 (language seed 0) and seeds 1-2 (language seed 7), held-out perplexity was teacher 11.4-11.5,
+KD 15.6-15.8, CE 36.6-40.5: KD/CE between 0.39 and 0.43, so asking for KD ≤ 0.7 × CE leaves a wide gap
+either way; the KD student's KL to the teacher was 0.10-0.11 against the CE student's 0.96-0.99 (asked:
+below half), and the teacher beat the KD student by 27 % (asked: beats it at all).
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ TEACHER_RUN = dict(steps=200, micro_batch=16, optim__lr=0.01, optim__warmup_step
 STUDENT_RUN = dict(steps=60, micro_batch=8, optim__lr=0.01, optim__warmup_steps=5)
 TRAIN_SAMPLES, HELDOUT_SAMPLES = [1000, 1000], [256]
 TOP_K = 16
-MARGIN = 0.15  # KD's held-out perplexity must be at least 15 % below CE's
-MEASURED = {}  # filled in below from the seed sweep
+MARGIN = 0.3  # KD's held-out perplexity must be at least 30 % below CE's (measured: 57-61 % below)
+SEED = 1
 
 
 def _eval_row(run_dir: Path) -> dict:
@@ -84,3 +86,34 @@ def make_data(folder: Path, language_seed: int = 0) -> None:
     language = MarkovLanguage(300, seed=language_seed)
     make_language_shards(folder / "train", language, TRAIN_SAMPLES, seq_len=SEQ_LEN, seed=1)
     make_language_shards(folder / "heldout", language, HELDOUT_SAMPLES, seq_len=SEQ_LEN, seed=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Eval rows of the teacher and of the CE and KD students, trained in one spawned process."""
+    folder = tmp_path_factory.mktemp("train_distillation")
+    make_data(folder)
+    rows = run_distributed(_pipeline, 1, folder, [SEED])[0]
+    return {"teacher": rows["teacher"], "ce": rows[f"ce_{SEED}"], "kd": rows[f"kd_{SEED}"]}
+
+
+def _ppl(runs: dict) -> dict:
+    return {name: row["eval/perplexity"] for name, row in runs.items()}
+
+
+def test_kd_student_beats_ce_student(runs):
+    ppl = _ppl(runs)
+    assert ppl["kd"] < ppl["ce"] * (1 - MARGIN), f"held-out perplexity: {ppl}"
+
+
+def test_kd_student_is_closer_to_the_teacher(runs):
+    kl = {name: runs[name]["eval/divergence"] for name in ("ce", "kd")}
+    agree = {name: runs[name]["eval/top1_agreement"] for name in ("ce", "kd")}
+    assert kl["kd"] < 0.5 * kl["ce"], f"held-out KL(teacher ‖ student): {kl}"
+    assert agree["kd"] > agree["ce"], f"held-out top-1 agreement with the teacher: {agree}"
+
+
+def test_teacher_beats_both_students(runs):
+    ppl = _ppl(runs)
+    assert ppl["teacher"] < ppl["kd"] < ppl["ce"], f"held-out perplexity: {ppl}"
+    assert ppl["ce"] < 100, f"the CE student did not learn the language at all (unigram ≈ 260): {ppl}"
