@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import TrainConfig, dump_yaml
+from pipeline.config import TrainConfig, config_to_dict, dump_yaml
 from pipeline.parallel import ParallelContext
 from pipeline.train.checkpoints import CheckpointStore, rng_state, set_rng_state
 from pipeline.train.engine import StudentStep, build_engine
 from pipeline.train.errors import TrainError
+from pipeline.train.evaluate import Evaluator
 from pipeline.train.monitor import Monitor, memory_gib
 from pipeline.train.preemption import REQUEUE_EXIT_CODE, StopRequest
 from pipeline.train.setup import check_settings, open_teacher, run_identity
@@ -50,13 +51,11 @@ class TrainingRun:
         self.teacher = open_teacher(cfg, cfg.data.teacher_cache)
         self.identity = run_identity(cfg, ctx, self.stream, self.teacher)
         self.store = CheckpointStore(self.run_dir / "checkpoints", ctx)
+        self.resume_tag = self._checked_latest()  # before building anything: a foreign checkpoint fails fast
         self.step, self.nonfinite, self.consumed_tokens = 0, 0, 0
+        self.evaluator = Evaluator(cfg, ctx) if cfg.data.eval_tokens else None
         self.engine, self.ds_config = build_engine(cfg, ctx)
         self.student = StudentStep(cfg, ctx, self.engine, self.teacher)
-        self.evaluator = None
-        if cfg.data.eval_tokens:
-            from pipeline.train.evaluate import Evaluator
-            self.evaluator = Evaluator(cfg, ctx)
 
     def execute(self) -> int:
         resumed = self._resume()
@@ -130,28 +129,29 @@ class TrainingRun:
                 "data": self.stream.state_dict(), "rng": rng_state()}
 
     def _save(self, reason: str) -> None:
-        record = {"config": json.loads(json.dumps(self._config_dict())), "identity": self.identity,
+        record = {"config": json.loads(json.dumps(config_to_dict(self.cfg))), "identity": self.identity,
                   "layout": {"world": self.ctx.world_size, "tp": self.ctx.tp_size, "dp": self.ctx.dp_size},
                   "reason": reason, "consumed_tokens": self.consumed_tokens}
         tag = self.store.save(self.engine, self.step, record, self._rank_state(), keep=self.cfg.checkpoint.keep)
         self.monitor.message(f"saved checkpoint {tag} ({reason})")
 
-    def _resume(self) -> str | None:
+    def _checked_latest(self) -> str | None:
         self.store.sweep_incomplete()
         tag = self.store.latest()
+        if tag is not None:
+            self.store.check_identity(tag, self.identity)
+        return tag
+
+    def _resume(self) -> str | None:
+        tag = self.resume_tag
         if tag is None:
             return None
-        self.store.check_identity(tag, self.identity)
         state = self.store.load(self.engine, tag)
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         self.consumed_tokens = int(state["consumed_tokens"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         return str(self.store.root / tag)
-
-    def _config_dict(self) -> dict:
-        from pipeline.config import config_to_dict
-        return config_to_dict(self.cfg)
 
     def _write_run_files(self) -> None:
         if self.ctx.rank == 0:
