@@ -18,7 +18,10 @@ from typing import Sequence
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_model import add_model_commands
 from pipeline.cli_train import add_train_commands
-from pipeline.config import ConfigError, RunConfig, config_reference, dump_yaml, load_config
+from pipeline.config import CacheConfig, ConfigError, RunConfig, TrainConfig, config_reference, dump_yaml, load_config
+
+CONFIG_KINDS = {"train": TrainConfig, "cache": CacheConfig, "loss": RunConfig}
+KIND_BY_PREFIX = {"student_": TrainConfig, "cache_": CacheConfig}
 
 DESCRIPTION = """\
 Knowledge distillation during LLM pretraining: a student learns from a teacher's next-token
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", metavar="PATH", help="YAML config file (default: all defaults)")
     source.add_argument("--reference", action="store_true",
                         help="print the Markdown reference of every config key instead")
+    config.add_argument("--kind", choices=sorted(CONFIG_KINDS), default=None,
+                        help="which config: train (distill train), cache (distill cache) or loss (the loss "
+                             "sections alone); default: from the file name (student_*, cache_*), else loss")
     config.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a setting; the value is read as YAML (2, 2.0, true, null, js)")
     config.set_defaults(handler=_show_config, parser=config)
@@ -160,13 +166,21 @@ def _verify_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_kind(args: argparse.Namespace) -> type:
+    if args.kind:
+        return CONFIG_KINDS[args.kind]
+    name = Path(args.config).name if args.config else ""
+    return next((cls for prefix, cls in KIND_BY_PREFIX.items() if name.startswith(prefix)), RunConfig)
+
+
 def _show_config(args: argparse.Namespace) -> None:
+    cls = _config_kind(args)
     if args.reference:
         if args.overrides:
             args.parser.error("--reference takes no overrides")
-        print(config_reference(RunConfig), end="")
+        print(config_reference(cls), end="")
         return
-    print(dump_yaml(load_config(RunConfig, args.config, args.overrides)), end="")
+    print(dump_yaml(load_config(cls, args.config, args.overrides)), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import RunConfig, config_reference
+from pipeline.config import RunConfig, TrainConfig, config_reference, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DISTILL = Path(sys.executable).parent / "distill"
@@ -68,8 +68,20 @@ def test_reference_prints_the_markdown_reference(capsys):
     assert capsys.readouterr().out == config_reference(RunConfig)
 
 
+def test_config_kind_follows_the_file_name_or_kind(capsys):
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert main(["config", "--config", str(configs / "student_kd.yaml"), "schedule.steps=7"]) == 0
+    assert load_config(TrainConfig, None, ["schedule.steps=7"]).schedule.steps == 7
+    assert "steps: 7" in capsys.readouterr().out
+    assert main(["config", "--kind", "train", "--reference"]) == 0
+    assert capsys.readouterr().out == config_reference(TrainConfig)
+    assert main(["config", "--config", str(configs / "student_kd.yaml"), "optim.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [[], ["config", "--reference", "loss.temperature=2"],
-                                  ["config", "--reference", "--config", EXAMPLE], ["train"]])
+                                  ["config", "--reference", "--config", EXAMPLE], ["export"],
+                                  ["config", "--kind", "student"]])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         main(argv)
@@ -82,10 +94,9 @@ def test_help_explains_the_stages_and_offers_the_built_ones(capsys):
         main(["--help"])
     assert caught.value.code == 0
     text = capsys.readouterr().out
-    for stage in ("tokenize", "cache", "train", "eval", "export"):
+    for stage in ("tokenize", "cache", "train", "export"):
         assert f"  {stage} " in text
     commands = text.split("positional arguments:")[1]
     assert "config" in commands and "check a config and print it resolved" in commands
     offered = {line.split()[0] for line in commands.splitlines() if line.startswith("    ") and line.strip()}
-    assert {"tokenize", "verify-shards", "cache", "verify-cache", "convert", "inspect"} <= offered
-    assert not offered & {"train", "eval", "export"}
+    assert {"tokenize", "verify-shards", "cache", "verify-cache", "convert", "inspect", "train", "export"} <= offered
