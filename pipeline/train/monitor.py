@@ -63,9 +63,8 @@ def format_train_line(step: int, total_steps: int, scalars: dict[str, float], et
         parts.append(f"{scalars['perf/tokens_per_s']:,.0f} tok/s")
     if "perf/data_wait_fraction" in scalars:
         parts.append(f"wait {100 * scalars['perf/data_wait_fraction']:.0f}%")
-    for tag, label in (("train/skipped_steps", "skipped"), ("train/nonfinite_steps", "nonfinite")):
-        if scalars.get(tag, 0):
-            parts.append(f"{label} {scalars[tag]:,.0f}")
+    if scalars.get("train/skipped_steps", 0):
+        parts.append(f"skipped {scalars['train/skipped_steps']:,.0f}")
     parts.append(f"ETA {format_duration(eta_s)}")
     return " | ".join(parts)
 

@@ -115,7 +115,7 @@ class TrainingRun:
                   if self.teacher is not None or name != "top1_agreement"}  # top-1 agreement with the teacher
         values.update({
             "train/lr": result.lr, "train/grad_norm": result.grad_norm,
-            "train/skipped_steps": float(self.nonfinite), "train/nonfinite_steps": float(self.nonfinite),
+            "train/skipped_steps": float(self.nonfinite),
             "perf/tokens_per_s": result.tokens / max(seconds, 1e-9), "perf/step_time_s": seconds,
             "perf/data_wait_fraction": wait_s / max(seconds, 1e-9), "perf/memory_gib": memory_gib(self.ctx.device),
             "data/consumed_tokens": float(self.consumed_tokens),

@@ -102,7 +102,7 @@ def test_train_line_format():
     assert format_train_line(120, 1000, scalars, 842.0) == (
         "step  120/1000 | loss 3.412 (kd 3.201 ce 0.000) | top1 0.412 | lr 2.9e-04 | 12,345 tok/s | wait 3% "
         "| ETA 0:14:02")
-    assert format_train_line(7, 10, {"train/nonfinite_steps": 2.0}, None) == "step  7/10 | nonfinite 2 | ETA ?"
+    assert format_train_line(7, 10, {"train/skipped_steps": 2.0}, None) == "step  7/10 | skipped 2 | ETA ?"
 
 
 def test_durations_and_eta():
