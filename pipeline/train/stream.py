@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pipeline.config import TrainConfig
 from pipeline.data.dataset import Source, TokenShardDataset
 from pipeline.data.loader import ResumableLoader
+from pipeline.train.errors import TrainError
+from tokenization.format import ShardFormatError
 
 TEACHER = "teacher"
 
@@ -26,9 +28,15 @@ def make_dataset(tokens: str, cache: str, cfg: TrainConfig, *, rank: int, size: 
                  max_epochs: int | None = None) -> TokenShardDataset:
     """The data reader of reader rank `rank` of `size`, the teacher cache (if any) joined as sidecar 'teacher'."""
     source = Source(tokens, sidecars={TEACHER: cache} if cache else {})
-    return TokenShardDataset(source, micro_batch=cfg.schedule.micro_batch, dp_rank=rank, dp_size=size,
-                             seed=cfg.seed, shuffle=shuffle, shuffle_window=cfg.data.shuffle_window,
-                             verify=cfg.data.verify, max_epochs=max_epochs)
+    try:
+        return TokenShardDataset(source, micro_batch=cfg.schedule.micro_batch, dp_rank=rank, dp_size=size,
+                                 seed=cfg.seed, shuffle=shuffle, shuffle_window=cfg.data.shuffle_window,
+                                 verify=cfg.data.verify, max_epochs=max_epochs)
+    except ValueError as err:
+        if isinstance(err, ShardFormatError):
+            raise
+        raise TrainError(f"{tokens}: {err} (schedule.micro_batch={cfg.schedule.micro_batch} × {size} data-parallel "
+                         "slots); use more data, or a smaller micro_batch, grad_accumulation or dp") from None
 
 
 @dataclass

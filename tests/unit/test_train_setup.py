@@ -81,3 +81,12 @@ def test_cli_help_and_bad_export_path(tmp_path):
     failed = subprocess.run(run + ["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and str(tmp_path) in failed.stderr
+
+
+def test_too_little_data_for_one_step_names_the_folder(tmp_path):
+    from pipeline.train.stream import make_dataset
+
+    make_token_shards(tmp_path / "few", [3], seq_len=8, vocab_size=300)
+    cfg = train_config(student_overrides(tmp_path / "run", tmp_path / "few", micro_batch=2))
+    with pytest.raises(TrainError, match=f"{tmp_path / 'few'}: 3 samples per epoch cannot fill one step"):
+        make_dataset(str(tmp_path / "few"), "", cfg, rank=0, size=2, shuffle=False)
