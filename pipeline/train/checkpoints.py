@@ -135,7 +135,8 @@ class CheckpointStore:
 
     def _fsync_own(self, folder: Path, own: Path) -> None:
         pattern = f"zero_pp_rank_{self.ctx.dp_rank}_mp_rank_{self.ctx.tp_rank:02d}_"
-        for path in [own, *(p for p in folder.iterdir() if p.name.startswith(pattern))]:
+        mine = [p for p in folder.iterdir() if p.name.removeprefix("bf16_").startswith(pattern)]  # bf16 runs
+        for path in [own, *mine]:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(folder)

@@ -37,9 +37,8 @@ from pipeline.model.errors import CheckpointError
 from pipeline.model.hf_io import refuse_existing, write_hf_folder
 from pipeline.model.layout import hf_from_shards, hf_shapes, tensor_rules
 from pipeline.parallel import pad_vocab_size
+from pipeline.train.checkpoints import LATEST, RUN_FILE
 
-RUN_FILE = "run.json"
-LATEST_FILE = "latest"
 # DeepSpeed 0.19.8 names (runtime/engine.py `_get_ckpt_name`, `_get_rank_zero_ckpt_name`); the optimizer
 # file of a run with bf16 enabled starts with "bf16_". The zero_pp_rank number is the data-parallel rank.
 MODEL_FILE = "zero_pp_rank_{dp}_mp_rank_{tp:02d}_model_states.pt"
@@ -52,7 +51,7 @@ def resolve_tag_folder(checkpoint: str | Path) -> Path:
     if (path / RUN_FILE).is_file():
         return path
     for folder in (path, path / "checkpoints"):
-        latest = folder / LATEST_FILE
+        latest = folder / LATEST
         if latest.is_file():
             tag = latest.read_text().strip()
             tag_folder = folder / tag
@@ -60,8 +59,8 @@ def resolve_tag_folder(checkpoint: str | Path) -> Path:
                 raise CheckpointError(f"{latest}: names checkpoint {tag!r}, but {tag_folder / RUN_FILE} does not "
                                       f"exist (deleted, or the save did not finish)")
             return tag_folder
-    raise CheckpointError(f"{path}: not a trainer checkpoint; expected a run folder (with checkpoints/{LATEST_FILE}), "
-                          f"a checkpoints folder (with {LATEST_FILE}) or a checkpoint tag folder (with {RUN_FILE})")
+    raise CheckpointError(f"{path}: not a trainer checkpoint; expected a run folder (with checkpoints/{LATEST}), "
+                          f"a checkpoints folder (with {LATEST}) or a checkpoint tag folder (with {RUN_FILE})")
 
 
 def read_run(tag_folder: Path) -> tuple[ModelConfig, dict, dict]:
