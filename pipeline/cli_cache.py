@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+from pipeline.job_array import ARRAY, array_slice, parse_range
 
 CACHE_HELP = """\
 Run the teacher over every token shard and write one cache shard per token shard, with the same
@@ -36,9 +39,9 @@ def add_cache_commands(commands) -> None:
     cache = commands.add_parser("cache", help="write the teacher's sparse targets for every token shard",
                                 description=CACHE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache.add_argument("--config", metavar="PATH", help="YAML config (a CacheConfig; see configs/cache_*.yaml)")
-    cache.add_argument("--shards", metavar="START:STOP", type=_shard_range,
-                       help="only token shards START ≤ i < STOP (a job array's slice); the manifest is written "
-                            "by whichever run finds every shard done")
+    cache.add_argument("--shards", metavar="START:STOP|array", type=parse_range,
+                       help="only token shards START ≤ i < STOP, or 'array': this Slurm array task's share of "
+                            "them; the manifest is written by whichever run finds every shard done")
     cache.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a setting (YAML value)")
     cache.set_defaults(handler=run_cache_command)
     verify = commands.add_parser("verify-cache", help="check a teacher cache against its token shards",
@@ -51,20 +54,25 @@ def add_cache_commands(commands) -> None:
     verify.set_defaults(handler=verify_cache_command)
 
 
-def _shard_range(text: str) -> tuple[int, int]:
-    try:
-        start, stop = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:STOP (two integers), got {text!r}") from None
-    return start, stop
-
-
 def run_cache_command(args: argparse.Namespace) -> int:
-    from pipeline.config import CacheConfig, load_config
-    from pipeline.teacher.job import run_cache
+    from pipeline.config import COMMAND_LINE, CacheConfig, ConfigError, load_config
+    from pipeline.teacher.job import require_paths, run_cache
 
     cfg = load_config(CacheConfig, args.config, args.overrides)
-    summary = run_cache(cfg, shard_range=args.shards)
+    shards = args.shards
+    if shards == ARRAY:
+        from pipeline.data.sources import ShardSet
+
+        require_paths(cfg)
+        count = len(ShardSet(cfg.tokens).manifest.shards)
+        try:
+            shards = array_slice(count)
+        except ValueError as err:
+            raise ConfigError("--shards", str(err), COMMAND_LINE) from None
+        if shards[0] == shards[1]:
+            print(f"array task {os.environ['SLURM_ARRAY_TASK_ID']}: no shard of the {count} falls to this task")
+            return 0
+    summary = run_cache(cfg, shard_range=shards)
     if cfg.progress and summary is not None:
         print(format_summary(summary))
     return 0
