@@ -19,6 +19,7 @@ from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_model import add_model_commands
 from pipeline.cli_train import add_train_commands
 from pipeline.config import CacheConfig, ConfigError, RunConfig, TrainConfig, config_reference, dump_yaml, load_config
+from pipeline.job_array import ARRAY, array_slice, parse_range
 
 CONFIG_KINDS = {"train": TrainConfig, "cache": CacheConfig, "loss": RunConfig}
 KIND_BY_PREFIX = {"student_": TrainConfig, "cache_": CacheConfig}
@@ -113,6 +114,11 @@ def _add_tokenize(commands) -> None:
                        help="start a new shard once one holds this many bytes (default: 1 GiB)")
     shard.add_argument("--shard-max-samples", type=int, default=100_000, metavar="N",
                        help="start a new shard once one holds this many samples (default: 100000)")
+    shard.add_argument("--files", metavar="START:STOP|array", type=parse_range,
+                       help="only the (sorted, expanded) input files START ≤ i < STOP, or 'array': this Slurm "
+                            "array task's share of them; tasks may share --out. STOP is clipped to the file count, "
+                            "an empty range does nothing; the manifest is written by whichever run finds every "
+                            "file done")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(handler=_shard)
 
@@ -137,15 +143,55 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from tokenization.shards import shard_corpus
+    from tokenization.errors import TokenizationError
+    from tokenization.readers import expand_inputs
+    from tokenization.shards import PROGRESS_DIR, shard_corpus
 
+    files = args.files
+    if files == ARRAY:
+        try:
+            files = array_slice(len(expand_inputs(args.input)))
+        except ValueError as err:
+            raise TokenizationError(f"--files: {err}") from None
+    # the manifest records the command without --files: it describes the whole folder, whichever job array
+    # task writes it, so a range-by-range folder is byte-identical to one made by a single run
     manifest = shard_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len, packing=args.packing,
                             text_field=args.text_field, txt_mode=args.txt_mode, eos_token=args.eos_token,
                             workers=args.workers, shard_max_bytes=args.shard_max_bytes,
-                            shard_max_samples=args.shard_max_samples, command=shlex.join(["distill", *args.argv]),
-                            progress=not args.no_progress)
-    print(f"wrote {len(manifest.shards)} shards, {manifest.total_samples} samples, "
-          f"{manifest.total_tokens} tokens to {args.out}")
+                            shard_max_samples=args.shard_max_samples,
+                            command=shlex.join(["distill", *_without_option(args.argv, "--files")]),
+                            progress=not args.no_progress, file_range=files)
+    if manifest is not None:
+        print(f"wrote {len(manifest.shards)} shards, {manifest.total_samples} samples, "
+              f"{manifest.total_tokens} tokens to {args.out}")
+        return
+    count = len(expand_inputs(args.input))
+    start, stop = files[0], min(files[1], count)
+    missing = sum(1 for i in range(count) if not (Path(args.out) / PROGRESS_DIR / f"{i:05d}.json").exists())
+    if stop > start:
+        done = f"tokenized file{'s' if stop - start > 1 else ''} {start}{f'-{stop - 1}' if stop - start > 1 else ''} " \
+               f"of {count}"
+    else:
+        done = f"no input files in range {files[0]}:{files[1]} ({count} files)"
+    print(f"{done}; {missing} files still missing in {args.out}, the manifest is written by the run that "
+          f"completes the last one")
+
+
+def _without_option(argv: Sequence[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE`, abbreviations (as argparse accepts them) included."""
+    def names_option(arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        return len(name) > 2 and option.startswith(name)
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif names_option(arg):
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
 
 
 def _verify_shards(args: argparse.Namespace) -> int:

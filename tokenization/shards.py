@@ -12,6 +12,13 @@ Workers are forked processes under a ProcessPoolExecutor (a dead worker fails th
 hanging it); each exits by itself when its parent is killed, so it cannot race a rerun in the folder.
 `_progress/job.json` records the settings; a rerun with other settings in the same folder is refused.
 
+A run may take only files START ≤ i < STOP (`file_range`, a Slurm job array's slice). Array tasks share
+one folder: their files, shards and done records never collide, job.json is created once with a hard
+link (the first task's settings win, a task with other settings is refused), and the manifest is written
+by whichever run finds every file done; a run that leaves files missing writes none and returns None.
+The cost: nothing waits for the other tasks, so the folder has no manifest until the last range is done
+(rerunning any range, even an empty one, writes it if every file is done).
+
 A shard entry's `tokens` counts real tokens (the sum of each sample's `segments[-1]`), so padding is
 not counted; `samples * (seq_len + 1)` ids are stored.
 """
@@ -190,7 +197,35 @@ def _check_job(out_dir: Path, job: ShardJob) -> None:
             raise TokenizationError(f"{out_dir}: holds shards made with other settings ({', '.join(differ)} differ); "
                                     f"use a fresh output folder or the same settings")
         return
-    fmt.write_atomic(recorded, wanted.encode())
+    if not _create_once(recorded, wanted.encode()):
+        _check_job(out_dir, job)  # another run (a job array's task) recorded its job first: compare with it
+
+
+def _create_once(path: Path, data: bytes) -> bool:
+    """Create `path` whole with `data` unless it exists; False if another process created it first.
+
+    The file is written under a private name, then hard-linked into place: the link fails if the name exists,
+    so concurrent runs cannot both think they recorded the job. Where hard links are unsupported, falls back
+    to an atomic replace (the last writer wins; concurrent runs with different settings are then not caught).
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError:  # no hard links on this file system
+        os.replace(tmp, path)
+        created = True
+    finally:
+        tmp.unlink(missing_ok=True)
+    if created:
+        fmt.fsync_dir(path.parent)
+    return created
 
 
 def _done_record(out_dir: Path, file_index: int) -> dict | None:
@@ -265,26 +300,39 @@ class _Progress:
 def shard_corpus(inputs: Sequence[str], tokenizer_path: str | Path, out_dir: str | Path, *, seq_len: int,
                  packing: str = "concat", text_field: str = "text", txt_mode: str = "file",
                  eos_token: str = DEFAULT_EOS, workers: int = 1, shard_max_bytes: int = 1 << 30,
-                 shard_max_samples: int = 100_000, command: str = "", progress: bool = True) -> fmt.Manifest:
-    """Tokenize `inputs` (paths or globs) into a token-shard folder; finishes what an earlier run left."""
+                 shard_max_samples: int = 100_000, command: str = "", progress: bool = True,
+                 file_range: tuple[int, int] | None = None) -> fmt.Manifest | None:
+    """Tokenize `inputs` (paths or globs) into a token-shard folder; finishes what an earlier run left.
+
+    With `file_range=(start, stop)` only the (sorted, expanded) files start ≤ i < stop are processed; stop is
+    clipped to the file count and an empty range processes nothing. Returns the manifest, written once every
+    file of the folder is done, or None while files outside the range are still missing.
+    """
     if packing not in fmt.PACKING_MODES:
         raise TokenizationError(f"packing: expected one of {fmt.PACKING_MODES}, got {packing!r}")
     if seq_len < 1 or shard_max_bytes < 1 or shard_max_samples < 1:
         raise TokenizationError("seq_len, shard_max_bytes and shard_max_samples must be ≥ 1")
+    if file_range is not None:
+        start, stop = file_range
+        if start < 0 or stop < start:
+            raise TokenizationError(f"file range {start}:{stop}: expected 0 ≤ START ≤ STOP")
     files = tuple(expand_inputs(list(inputs)))
+    start, stop = (0, len(files)) if file_range is None else (file_range[0], min(file_range[1], len(files)))
     tok = load_tokenizer(tokenizer_path)
     eos, vocab = eos_id(tok, eos_token), vocab_size(tok)
     job = ShardJob(files, str(tokenizer_path), fingerprint(tok), seq_len, packing, text_field, txt_mode,
                    eos_token, shard_max_bytes, shard_max_samples)
     out = Path(out_dir)
     _check_job(out, job)
-    todo = [i for i in range(len(files)) if _done_record(out, i) is None]
+    todo = [i for i in range(start, stop) if _done_record(out, i) is None]
     bar = _Progress(progress)
     try:
         _run_files(job, out, todo, workers, bar)
     finally:
         bar.close()
     records = [_done_record(out, i) for i in range(len(files))]
+    if any(r is None for r in records):
+        return None  # other ranges (job array tasks) still have files to do; the last one writes the manifest
     shards = tuple(fmt.ShardEntry(**entry) for r in records for entry in r["shards"])
     extra = {"inputs": list(files), "documents": sum(r["documents"] for r in records),
              "dropped_tokens": sum(r["dropped_tokens"] for r in records), "text_field": text_field,
