@@ -145,12 +145,13 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 def _shard(args: argparse.Namespace) -> None:
     from tokenization.errors import TokenizationError
     from tokenization.readers import expand_inputs
-    from tokenization.shards import PROGRESS_DIR, shard_corpus
+    from tokenization.shards import missing_files, shard_corpus
 
+    count = len(expand_inputs(args.input))
     files = args.files
     if files == ARRAY:
         try:
-            files = array_slice(len(expand_inputs(args.input)))
+            files = array_slice(count)
         except ValueError as err:
             raise TokenizationError(f"--files: {err}") from None
     # the manifest records the command without --files: it describes the whole folder, whichever job array
@@ -165,16 +166,14 @@ def _shard(args: argparse.Namespace) -> None:
         print(f"wrote {len(manifest.shards)} shards, {manifest.total_samples} samples, "
               f"{manifest.total_tokens} tokens to {args.out}")
         return
-    count = len(expand_inputs(args.input))
     start, stop = files[0], min(files[1], count)
-    missing = sum(1 for i in range(count) if not (Path(args.out) / PROGRESS_DIR / f"{i:05d}.json").exists())
     if stop > start:
         done = f"tokenized file{'s' if stop - start > 1 else ''} {start}{f'-{stop - 1}' if stop - start > 1 else ''} " \
                f"of {count}"
     else:
         done = f"no input files in range {files[0]}:{files[1]} ({count} files)"
-    print(f"{done}; {missing} files still missing in {args.out}, the manifest is written by the run that "
-          f"completes the last one")
+    print(f"{done}; {missing_files(args.out, count)} files still missing in {args.out}, the manifest is written "
+          f"by the run that completes the last one")
 
 
 def _without_option(argv: Sequence[str], option: str) -> list[str]:

@@ -7,9 +7,9 @@ a run's latest checkpoint and reads its tensors back, to compare runs parameter 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline.train.monitor import read_metrics
 from tests.modelmaker import VOCAB, make_hf_model, read_safetensors
 
 STUDENT = ["model.vocab_size=300", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
@@ -51,8 +51,7 @@ def train_config(overrides: list[str]):
 
 def losses(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     """{step: value} of `tag` from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-    return {row["step"]: row[tag] for row in rows if tag in row}
+    return {row["step"]: row[tag] for row in read_metrics(run_dir) if tag in row}
 
 
 def final_weights(run_dir: Path, out: Path) -> dict:
@@ -94,8 +93,4 @@ def overrides_run_dir(overrides: list[str]) -> Path:
 
 def logged_steps(run_dir: Path) -> int:
     """The last train step in metrics.jsonl (0 when none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
-    return max(steps, default=0)
+    return max((row.get("step", 0) for row in read_metrics(run_dir)), default=0)

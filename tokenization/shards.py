@@ -228,6 +228,11 @@ def _create_once(path: Path, data: bytes) -> bool:
     return created
 
 
+def missing_files(out_dir: str | Path, count: int) -> int:
+    """How many of the first `count` input files have no done record in `out_dir` yet."""
+    return sum(1 for i in range(count) if _done_record(Path(out_dir), i) is None)
+
+
 def _done_record(out_dir: Path, file_index: int) -> dict | None:
     path = out_dir / PROGRESS_DIR / f"{file_index:05d}.json"
     return json.loads(path.read_text()) if path.exists() else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Self
 
 import torch
+
+from tokenization.format import write_atomic
 
 ETA_WINDOW = 50  # steps in the moving average of step time behind the ETA
 
@@ -116,12 +117,7 @@ def truncate_metrics(run_dir: Path, keep_through: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= keep_through]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 class Monitor:
