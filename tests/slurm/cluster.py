@@ -8,7 +8,8 @@ node is idle. Clients find it through SLURM_CONF in `cluster.env`. `stop()` ends
 Design choice: the cluster is a real Slurm with requeue enabled and no accounting, so sbatch, srun,
 scancel --signal and scontrol requeue behave as on a site; jobs are followed with `scontrol show job`
 (kept MinJobAge = 600 s after they end). The cost: a requeued job waits Slurm's fixed ~2 minutes before
-it may start again; `release(job)` sets its start time to now, as an operator would.
+it may start again; `release(job)` sets its start time to now, as an operator would, once the node has
+finished with the previous attempt.
 """
 from __future__ import annotations
 
@@ -131,7 +132,12 @@ class SlurmCluster:
         raise TimeoutError(f"job {job_id} still {self.states(job_id)} after {timeout} s")
 
     def release(self, job_id: str) -> None:
-        """Let a requeued job start now instead of after Slurm's requeue delay."""
+        """Let a requeued job start now instead of after Slurm's requeue delay, once the node is idle again.
+
+        Too early, and slurmd refuses the launch ("Job credential revoked"): the previous attempt's step may
+        still be ending, and a credential made in the same second as the requeue counts as revoked."""
+        self._wait_idle()
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env, check=True,
                        capture_output=True)
 
