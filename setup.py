@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "zstandard>=0.22,<1",
     "pyarrow>=15,<30",
+    "matplotlib>=3.7,<4",
 ]
 
 EXTRAS = {

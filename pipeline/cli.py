@@ -17,12 +17,14 @@ from typing import Sequence
 
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_model import add_model_commands
+from pipeline.cli_quickstart import add_quickstart_command
 from pipeline.cli_train import add_train_commands
 from pipeline.config import CacheConfig, ConfigError, RunConfig, TrainConfig, config_reference, dump_yaml, load_config
 from pipeline.job_array import ARRAY, array_slice, parse_range
+from pipeline.quickstart.settings import QuickstartConfig
 
-CONFIG_KINDS = {"train": TrainConfig, "cache": CacheConfig, "loss": RunConfig}
-KIND_BY_PREFIX = {"student_": TrainConfig, "cache_": CacheConfig}
+CONFIG_KINDS = {"train": TrainConfig, "cache": CacheConfig, "loss": RunConfig, "quickstart": QuickstartConfig}
+KIND_BY_PREFIX = {"student_": TrainConfig, "cache_": CacheConfig, "quickstart": QuickstartConfig}
 
 DESCRIPTION = """\
 Knowledge distillation during LLM pretraining: a student learns from a teacher's next-token
@@ -36,6 +38,7 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   export     the student as a Hugging Face checkpoint
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
+  quickstart all of the above on the shipped Austen corpus, on CPU: one student per loss, compared
 Checks: verify-shards (token shards), verify-cache (a teacher cache). Every stage reads a YAML
 config that overrides can change on the command line (section.key=value); `distill config` shows
 the resolved result.
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
     add_cache_commands(commands)
     add_train_commands(commands)
+    add_quickstart_command(commands)
     return parser
 
 

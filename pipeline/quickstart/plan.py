@@ -1,0 +1,153 @@
+"""The quickstart as a list of stages, each one ordinary `distill` command with its config written to a file.
+
+Design choice: the quickstart adds no training or caching code of its own. It derives a train config per
+run and a cache config per cache from the quickstart config, writes them under OUT/configs/, and runs
+the same commands a user would type (OUT/commands.sh lists them), so what the demo shows is what the
+pipeline does, and each stage can be rerun or changed by hand. The cost: every stage is a new process
+(a few seconds of imports each).
+
+Layout of OUT: tokenizer.json, data/{train,heldout}, runs/<name>/ (checkpoints, tensorboard, metrics),
+teacher_hf/, cache/{train_topk,heldout_topk,train_sampled}, student_hf/, configs/, logs/, results.{md,csv},
+loss_curves.png.
+"""
+from __future__ import annotations
+
+import glob
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import CacheConfig, ConfigError, TrainConfig, dump_yaml, from_dict
+from pipeline.quickstart.settings import QuickstartConfig
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+TEACHER = "teacher"
+BASELINE = "ce"
+SAMPLED = "kl_sampled"
+
+
+@dataclass
+class Stage:
+    """One step of the quickstart: a `distill` command, the config files it reads, what it is for."""
+
+    name: str
+    title: str
+    args: list[str] | Callable[[], list[str]]
+    configs: dict[Path, str] = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        """The full command line (resolved now: a stage may depend on earlier stages' results)."""
+        args = self.args() if callable(self.args) else self.args
+        return [sys.executable, "-m", "pipeline", *args]
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One student of the comparison: its run name, its loss and the cache it learns from."""
+
+    name: str
+    divergence: str
+    cache: str  # "" for the CE baseline
+    label: str
+
+
+def resolve_inputs(patterns: list[str], key: str) -> list[str]:
+    """Each pattern's files, sorted; a relative pattern matching nothing here is tried in the checkout."""
+    files = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) or ([] if Path(pattern).is_absolute()
+                                               else sorted(glob.glob(str(CHECKOUT / pattern))))
+        if not found:
+            raise ConfigError(key, f"{pattern!r} matches no file here or in {CHECKOUT}")
+        files += found
+    return files
+
+
+def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
+    """The CE baseline, one top-K student per divergence, and the sampled-target student."""
+    runs = [StudentRun(BASELINE, "ce", "", "CE on labels (baseline)")]
+    runs += [StudentRun(name, name, "train_topk", f"{name.upper()} to top-{cfg.cache.k}") for name in cfg.divergences]
+    if cfg.sampled:
+        runs.append(StudentRun(SAMPLED, "kl", "train_sampled", f"KL to {cfg.cache.draws} samples"))
+    return runs
+
+
+def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
+               pick_student: Callable[[], str] | None = None) -> list[Stage]:
+    """Every stage in order. `pick_student()` names the run whose student is exported (called when due)."""
+    out = out.resolve()
+    train_files = resolve_inputs(cfg.corpus.train, "corpus.train")
+    heldout_files = resolve_inputs(cfg.corpus.heldout, "corpus.heldout")
+    tokenizer, data = out / "tokenizer.json", out / "data"
+    stages = [
+        Stage("tokenizer", f"train a {cfg.corpus.vocab_size}-token BPE tokenizer on {len(train_files)} files",
+              ["tokenize", "train-tokenizer", "--input", *train_files, "--vocab-size", str(cfg.corpus.vocab_size),
+               "--out", str(tokenizer)]),
+        _shard_stage("shards_train", "training", train_files, tokenizer, data / "train", cfg, workers),
+        _shard_stage("shards_heldout", "held-out", heldout_files, tokenizer, data / "heldout", cfg, workers),
+        _train_stage(cfg, out, TEACHER, "ce", "", "the teacher on labels (plain next-token CE)"),
+        Stage("teacher_export", "export the teacher as a Hugging Face folder",
+              ["export", "--checkpoint", str(out / "runs" / TEACHER), "--out", str(out / "teacher_hf"),
+               "--force"]),
+        _cache_stage(cfg, out, "train_topk", "train", "topk"),
+        _cache_stage(cfg, out, "heldout_topk", "heldout", "topk"),
+    ]
+    if cfg.sampled:
+        stages.append(_cache_stage(cfg, out, "train_sampled", "train", "sampled"))
+    stages += [_train_stage(cfg, out, run.name, run.divergence, run.cache, f"student: {run.label}")
+               for run in student_runs(cfg)]
+    pick = pick_student or (lambda: BASELINE)
+    stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
+                        lambda: ["export", "--checkpoint", str(out / "runs" / pick()), "--out",
+                                 str(out / "student_hf"), "--force"]))
+    return stages
+
+
+def _shard_stage(name: str, what: str, files: list[str], tokenizer: Path, folder: Path, cfg: QuickstartConfig,
+                 workers: int) -> Stage:
+    return Stage(name, f"pack the {what} text into {cfg.corpus.seq_len}-token samples",
+                 ["tokenize", "shard", "--input", *files, "--tokenizer", str(tokenizer), "--out", str(folder),
+                  "--seq-len", str(cfg.corpus.seq_len), "--workers", str(min(workers, len(files)))])
+
+
+def _train_stage(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str, title: str) -> Stage:
+    path = out / "configs" / f"train_{name}.yaml"
+    settings = train_settings(cfg, out, name, divergence, cache)
+    return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
+                 {path: dump_yaml(settings)})
+
+
+def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str) -> TrainConfig:
+    """The train config of one quickstart run (the teacher when name is TEACHER)."""
+    teacher = name == TEACHER
+    size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
+    every = max(1, run.steps // run.evals)
+    return from_dict(TrainConfig, {
+        "seed": cfg.seed, "run_dir": str(out / "runs" / name),
+        "data": {"tokens": str(out / "data" / "train"), "teacher_cache": str(out / "cache" / cache) if cache else "",
+                 "eval_tokens": str(out / "data" / "heldout"),
+                 "eval_teacher_cache": "" if teacher else str(out / "cache" / "heldout_topk"),
+                 "tokenizer": str(out / "tokenizer.json"), "num_workers": 0},
+        "model": {"vocab_size": cfg.corpus.vocab_size, "hidden_size": size.hidden_size,
+                  "intermediate_size": size.intermediate_size, "num_layers": size.num_layers,
+                  "num_heads": size.num_heads, "max_position_embeddings": cfg.corpus.seq_len},
+        "compute": {"vocab_multiple": 64},
+        "loss": {"divergence": divergence},
+        "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},
+        "schedule": {"steps": run.steps, "micro_batch": run.micro_batch},
+        "checkpoint": {"every": every, "keep": 1},
+        "eval": {"every": every, "batches": cfg.eval_batches},
+        "log": {"console_every": max(1, run.steps // 10)},
+    })
+
+
+def _cache_stage(cfg: QuickstartConfig, out: Path, name: str, split: str, mode: str) -> Stage:
+    path = out / "configs" / f"cache_{name}.yaml"
+    settings = from_dict(CacheConfig, {
+        "seed": cfg.seed, "teacher": str(out / "teacher_hf"), "tokens": str(out / "data" / split),
+        "output": str(out / "cache" / name), "micro_batch": 16,
+        "compute": {"vocab_multiple": 64}, "targets": {"mode": mode, "k": cfg.cache.k, "draws": cfg.cache.draws}})
+    what = f"top-{cfg.cache.k} + rest mass" if mode == "topk" else f"{cfg.cache.draws} sampled draws"
+    return Stage(f"cache_{name}", f"cache the teacher's {what} for the {split} shards",
+                 ["cache", "--config", str(path)], {path: dump_yaml(settings)})

@@ -1,0 +1,113 @@
+"""The quickstart's config (`distill quickstart`): corpus, the teacher's and the student's sizes and budgets.
+
+Design choice: the quickstart has its own small config tree instead of a list of train and cache configs,
+so a user changes one number (`student_run.steps=400`) and every student run follows; the stage configs
+are derived from it (pipeline/quickstart/plan.py) and written next to the runs, where each can be rerun
+by hand. The cost is a second vocabulary for settings the trainer already has, kept to the few a
+first experiment turns. `SMOKE` is the one-minute scale-down a test runs, as plain overrides so the
+resolved config shows exactly what it changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.config import at_least, positive, section, setting
+
+AUSTEN = "data/austen"
+TRAIN_BOOKS = ["sense_and_sensibility", "pride_and_prejudice", "mansfield_park", "emma", "northanger_abbey"]
+HELDOUT_BOOKS = ["persuasion"]
+
+TopKDivergence = Literal["kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl"]
+
+# `--smoke`: the same stages on one novel with tiny models and a few steps each (about a minute on 2 cores)
+SMOKE = [f"corpus.train=[{AUSTEN}/northanger_abbey.jsonl.gz]", "corpus.vocab_size=512", "corpus.seq_len=32",
+         "teacher.hidden_size=32", "teacher.intermediate_size=64", "teacher.num_layers=1", "teacher.num_heads=2",
+         "student.hidden_size=32", "student.intermediate_size=64", "student.num_layers=1", "student.num_heads=2",
+         "teacher_run.steps=8", "teacher_run.micro_batch=4", "teacher_run.warmup_steps=2", "teacher_run.evals=1",
+         "student_run.steps=6", "student_run.micro_batch=4", "student_run.warmup_steps=2", "student_run.evals=2",
+         "cache.k=8", "cache.draws=8", "eval_batches=2"]
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """The text the quickstart learns from, and how it becomes tokens."""
+
+    train: list[str] = setting(
+        [f"{AUSTEN}/{book}.jsonl.gz" for book in TRAIN_BOOKS],
+        "Training text: files or globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet). The tokenizer, the teacher "
+        "and the students all learn from these. A relative path is looked up in the current folder, then in the "
+        "checkout. Default: five of the six Austen novels shipped in data/austen.", )
+    heldout: list[str] = setting([f"{AUSTEN}/{book}.jsonl.gz" for book in HELDOUT_BOOKS],
+                                 "Held-out text every model is evaluated on (default: Persuasion, a novel none of "
+                                 "them trains on).")
+    vocab_size: int = setting(4096, "Size of the byte-level BPE vocabulary trained on the training text.",
+                              at_least(300))
+    seq_len: int = setting(128, "Tokens per training sample.", positive)
+
+
+@dataclass(frozen=True)
+class ModelSizeConfig:
+    """A Llama decoder's size; its vocabulary is corpus.vocab_size."""
+
+    hidden_size: int = setting(128, "Width of the residual stream.", positive)
+    intermediate_size: int = setting(352, "Width of the SwiGLU feed-forward layer.", positive)
+    num_layers: int = setting(2, "Transformer layers.", positive)
+    num_heads: int = setting(4, "Attention heads (must divide hidden_size).", positive)
+
+
+@dataclass(frozen=True)
+class TeacherSizeConfig(ModelSizeConfig):
+    """The teacher's size: larger than the student's, and trained for longer."""
+
+    hidden_size: int = setting(256, "Width of the residual stream.", positive)
+    intermediate_size: int = setting(688, "Width of the SwiGLU feed-forward layer.", positive)
+    num_layers: int = setting(4, "Transformer layers.", positive)
+    num_heads: int = setting(4, "Attention heads (must divide hidden_size).", positive)
+
+
+@dataclass(frozen=True)
+class RunLengthConfig:
+    """How long one training run is: steps of micro_batch samples on one process, warmup then cosine."""
+
+    steps: int = setting(200, "Optimizer steps.", positive)
+    micro_batch: int = setting(16, "Samples per step.", positive)
+    lr: float = setting(3e-3, "Peak learning rate (AdamW), after linear warmup, decayed by a cosine to lr/10.",
+                        positive)
+    warmup_steps: int = setting(20, "Steps of linear warmup.", at_least(0))
+    evals: int = setting(5, "Held-out evaluations spread over the run (the last at the end): the points of the "
+                            "eval curves in the plot.", positive)
+
+
+@dataclass(frozen=True)
+class TeacherRunConfig(RunLengthConfig):
+    """The teacher's plain next-token training run."""
+
+    steps: int = setting(500, "Optimizer steps.", positive)
+
+
+@dataclass(frozen=True)
+class CacheTargetsConfig:
+    """The sparse targets cached from the teacher."""
+
+    k: int = setting(16, "Top-K ids per position, stored with the exact rest mass.", positive)
+    draws: int = setting(50, "Draws per position of the sampled cache (the one sampled-target student).", positive)
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """`distill quickstart`: tokenizer, token shards, a teacher, its caches, then one student per loss, compared."""
+
+    seed: int = setting(1234, "Seed of everything; every student starts from the same weights and reads the same "
+                              "samples in the same order.", at_least(0))
+    corpus: CorpusConfig = section(CorpusConfig, "The text and its tokenization.")
+    teacher: TeacherSizeConfig = section(TeacherSizeConfig, "The teacher's size.")
+    teacher_run: TeacherRunConfig = section(TeacherRunConfig, "The teacher's training (labels only).")
+    student: ModelSizeConfig = section(ModelSizeConfig, "The student's size (the same for every student run).")
+    student_run: RunLengthConfig = section(RunLengthConfig, "Each student's training budget (the same for all).")
+    cache: CacheTargetsConfig = section(CacheTargetsConfig, "The teacher's cached targets.")
+    divergences: list[TopKDivergence] = setting(["kl", "rkl", "js", "tvd"],
+                                     "One distilled student per divergence, from the top-K cache (tail mode); "
+                                     "the CE-only student is always trained as the baseline.")
+    sampled: bool = setting(True, "Also train one student with forward KL on the sampled cache.")
+    eval_batches: int = setting(16, "Held-out micro-batches per evaluation.", positive)
