@@ -17,6 +17,7 @@ reports the average over the step's micro-batches, not the last one.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ def import_deepspeed(ctx: ParallelContext):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
     os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # zero.Init reads it; a world of one lacks it
     import deepspeed
+
+    # DeepSpeed's ZeRO-3 still calls the collectives torch renamed; torch says so at every call, which
+    # buries the console lines of a run under repeated FutureWarnings that only DeepSpeed can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+                                              r"is deprecated", category=FutureWarning)
     return deepspeed
 
 
