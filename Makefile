@@ -1,4 +1,5 @@
 # Set-up and test entry points. `make test` and `make demo` build .venv from nothing when needed.
+# `make demo` runs the quickstart (runs/quickstart); `make test` the whole suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,8 +29,9 @@ test-dist: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss.py
 
+# DEMO_ARGS go to `distill quickstart`, e.g. make demo DEMO_ARGS="--smoke --out runs/smoke"
 demo: $(STAMP)
-	@echo "make demo: the end-to-end quickstart is not built yet; 'make test' checks the pipeline so far."
+	$(BIN)/distill quickstart $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -63,8 +63,8 @@ def _bind_folder(cfg: QuickstartConfig, out: Path) -> None:
         now = config_to_dict(cfg)
         changed = [key for key in _flat(now) if _flat(before).get(key) != _flat(now)[key]]
         if changed:
-            raise ConfigError(changed[0], f"{out} holds a quickstart made with another config "
-                                          f"({', '.join(f'{k}: {_flat(before).get(k)} → {_flat(now)[k]}' for k in changed)}); "
+            listed = ", ".join(f"{key}: {_flat(before).get(key)} → {_flat(now)[key]}" for key in changed)
+            raise ConfigError(changed[0], f"{out} holds a quickstart made with another config ({listed}); "
                                           "use another --out, or delete the folder to start again")
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,9 @@
 
 Design choice: everything is read back from the runs' own metrics.jsonl (the trainer's plain-text twin of
 its TensorBoard events), so the table shows exactly what the trainer measured and can be rebuilt from a
-finished run folder (rerunning the same command skips every finished stage and writes the report again). Every student is compared on the same ruler:
-held-out perplexity, forward KL(teacher ‖ student) and top-1 agreement on the same held-out samples,
-whatever its training loss was.
+finished run folder (rerunning the same command skips every finished stage and writes the report
+again). Every student is compared on the same ruler: held-out perplexity, forward KL(teacher ‖ student)
+and top-1 agreement on the same held-out samples, whatever its training loss was.
 """
 from __future__ import annotations
 

@@ -1,0 +1,114 @@
+"""`distill quickstart --smoke` end to end, through the real command, and every artefact it promises.
+
+The smoke run goes through `make demo` (as the README says to start it) and is the full quickstart
+(tokenizer, shards, teacher, its top-K and sampled caches, six students, export) on one novel with tiny
+models and a few steps: about a minute on 2 cores. Its numbers are not a result (the teacher is barely
+trained); what is checked is that each artefact exists and parses: the results table as Markdown and CSV
+with a finite row per run, the PNG, TensorBoard events of every run read back with TensorBoard's own
+reader, the exported student loaded by transformers with its tokenizer, and the record of the commands.
+Then the same command again skips every stage and rewrites the report, and a changed config is refused
+without touching the folder.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.quickstart.plan import SAMPLED
+from pipeline.train.monitor import read_scalars
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = ["teacher", "ce", "kl", "rkl", "js", "tvd", SAMPLED]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _quickstart(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "quickstart", "--smoke", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The smoke quickstart through the README's `make demo` (its arguments passed with DEMO_ARGS)."""
+    out = tmp_path_factory.mktemp("quickstart") / "smoke"
+    run = subprocess.run(["make", "-C", str(ROOT), "demo", f"DEMO_ARGS=--smoke --out {out}"], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return out, run
+
+
+def test_smoke_run_finishes_and_prints_the_table(smoke):
+    out, run = smoke
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[15/15] student_export" in run.stdout
+    assert "| kl_sampled | KL to 8 samples |" in run.stdout
+
+
+def test_results_csv_and_markdown_agree(smoke):
+    out, _ = smoke
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["run"] for row in rows] == RUNS
+    for row in rows:
+        assert 1 < float(row["heldout_ppl"]) < 600, row  # a 512-token vocabulary: uniform is 512
+        assert float(row["tokens_per_s"]) > 0 and float(row["train_s"]) > 0
+        if row["run"] != "teacher":
+            assert math.isfinite(float(row["kl_to_teacher"])) and 0 <= float(row["top1_agreement"]) <= 1
+    markdown = (out / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0][2:] for line in table] == RUNS
+    assert [f"{float(row['heldout_ppl']):.2f}" for row in rows] == [line.split(" | ")[2] for line in table]
+    assert "- machine: " in markdown and "- date: " in markdown
+
+
+def test_plot_is_a_png(smoke):
+    out, _ = smoke
+    data = (out / "loss_curves.png").read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 600 and height > 300
+
+
+def test_every_run_has_tensorboard_events(smoke):
+    out, _ = smoke
+    for name in RUNS:
+        scalars = read_scalars(out / "runs" / name / "tensorboard")
+        assert "train/loss" in scalars and "eval/perplexity" in scalars, name
+    assert "eval/divergence" in read_scalars(out / "runs" / "kl" / "tensorboard")
+
+
+def test_exported_student_loads_with_its_tokenizer(smoke):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = smoke
+    tokenizer = AutoTokenizer.from_pretrained(out / "student_hf")
+    model = AutoModelForCausalLM.from_pretrained(out / "student_hf")
+    ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[-1] >= len(tokenizer) and torch.isfinite(logits).all()
+
+
+def test_commands_are_recorded(smoke):
+    out, _ = smoke
+    commands = (out / "commands.sh").read_text().splitlines()
+    assert len(commands) == 15 and commands[0].startswith("distill tokenize train-tokenizer")
+    assert sum(line.startswith("distill train --config") for line in commands) == 7
+    assert len(list((out / "logs").glob("*.log"))) == 15
+
+
+def test_rerun_skips_finished_stages_and_changed_config_is_refused(smoke):
+    out, first = smoke
+    before = {path: path.stat().st_mtime_ns for path in (out / "runs").rglob("*") if path.is_file()}
+    again = _quickstart(out)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert again.stdout.count("(done in an earlier run, skipped)") == 15
+    assert {path: path.stat().st_mtime_ns for path in before} == before
+    refused = _quickstart(out, "student_run.steps=7")
+    assert refused.returncode == 2
+    assert "student_run.steps: 6 → 7" in refused.stderr
