@@ -50,6 +50,7 @@ class StudentRun:
     divergence: str
     cache: str  # "" for the CE baseline
     label: str
+    ce_weight: float = 0.0
 
 
 def resolve_inputs(patterns: list[str], key: str) -> list[str]:
@@ -67,7 +68,9 @@ def resolve_inputs(patterns: list[str], key: str) -> list[str]:
 def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
     """The CE baseline, one top-K student per divergence, and the sampled-target student."""
     runs = [StudentRun(BASELINE, "ce", "", "CE on labels (baseline)")]
-    runs += [StudentRun(name, name, "train_topk", f"{name.upper()} to top-{cfg.cache.k}") for name in cfg.divergences]
+    mix = f" + {cfg.ce_weight:g}·CE" if cfg.ce_weight else ""
+    runs += [StudentRun(name, name, "train_topk", f"{name.upper()} to top-{cfg.cache.k}{mix}", cfg.ce_weight)
+             for name in cfg.divergences]
     if cfg.sampled:
         runs.append(StudentRun(SAMPLED, "kl", "train_sampled", f"KL to {cfg.cache.draws} samples"))
     return runs
@@ -95,7 +98,7 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
     ]
     if cfg.sampled:
         stages.append(_cache_stage(cfg, out, "train_sampled", "train", "sampled"))
-    stages += [_train_stage(cfg, out, run.name, run.divergence, run.cache, f"student: {run.label}")
+    stages += [_train_stage(cfg, out, run.name, run.divergence, run.cache, f"student: {run.label}", run.ce_weight)
                for run in student_runs(cfg)]
     pick = pick_student or (lambda: BASELINE)
     stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
@@ -111,14 +114,16 @@ def _shard_stage(name: str, what: str, files: list[str], tokenizer: Path, folder
                   "--seq-len", str(cfg.corpus.seq_len), "--workers", str(min(workers, len(files)))])
 
 
-def _train_stage(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str, title: str) -> Stage:
+def _train_stage(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str, title: str,
+                 ce_weight: float = 0.0) -> Stage:
     path = out / "configs" / f"train_{name}.yaml"
-    settings = train_settings(cfg, out, name, divergence, cache)
+    settings = train_settings(cfg, out, name, divergence, cache, ce_weight)
     return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
                  {path: dump_yaml(settings)})
 
 
-def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str) -> TrainConfig:
+def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str,
+                   ce_weight: float = 0.0) -> TrainConfig:
     """The train config of one quickstart run (the teacher when name is TEACHER)."""
     teacher = name == TEACHER
     size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
@@ -133,7 +138,7 @@ def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str,
                   "intermediate_size": size.intermediate_size, "num_layers": size.num_layers,
                   "num_heads": size.num_heads, "max_position_embeddings": cfg.corpus.seq_len},
         "compute": {"vocab_multiple": 64},
-        "loss": {"divergence": divergence},
+        "loss": {"divergence": divergence, "ce_weight": ce_weight},
         "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},
         "schedule": {"steps": run.steps, "micro_batch": run.micro_batch},
         "checkpoint": {"every": every, "keep": 1},

@@ -45,6 +45,8 @@ def classify(block: str) -> str:
         return "sbatch"
     if all(line.startswith(".venv/bin/distill config ") for line in block.splitlines() if line.strip()):
         return "config"
+    if all(line.startswith(".venv/bin/python benchmarks/") for line in block.splitlines() if line.strip()):
+        return "benchmark"
     return f"unclassified: {head}"
 
 
@@ -66,7 +68,7 @@ def _bash(block: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProc
 def test_every_block_is_tested_somewhere():
     kinds = [classify(block) for block in bash_blocks()]
     assert not [kind for kind in kinds if kind.startswith("unclassified")], kinds
-    assert {"walkthrough", "tensorboard", "make", "sbatch", "config"} <= set(kinds)
+    assert {"walkthrough", "tensorboard", "make", "sbatch", "config", "benchmark"} <= set(kinds)
 
 
 def test_make_targets_are_run():
@@ -76,6 +78,22 @@ def test_make_targets_are_run():
     assert targets == ["make demo", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert '"demo", f"DEMO_ARGS=--smoke' in (ROOT / "tests" / "e2e" / "test_quickstart.py").read_text()
+
+
+def test_benchmark_commands_parse(workdir):
+    """Each benchmark command, with --help appended: the script imports and every option before it parses.
+
+    The benchmarks themselves take minutes each (their figures are in the README and benchmarks/README.md);
+    the suite does not time anything.
+    """
+    for name in ("benchmarks", "tests"):  # the benchmarks reuse the test kit
+        (workdir / name).symlink_to(ROOT / name)
+    for block in (b for b in bash_blocks() if classify(b) == "benchmark"):
+        for line in block.splitlines():
+            command = line.split("#")[0].strip()
+            if command:
+                done = _bash(command + " --help", workdir, timeout=120)
+                assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-2000:])
 
 
 def test_sbatch_scripts_are_the_ones_submitted_to_slurm():
@@ -95,7 +113,7 @@ def walkthrough(workdir) -> subprocess.CompletedProcess:
 def test_walkthrough_runs_as_written(walkthrough, workdir):
     assert walkthrough.returncode == 0, walkthrough.stdout[-3000:] + walkthrough.stderr[-3000:]
     work = workdir / "work"
-    assert json.loads((work / "cache" / "heldout" / "manifest.json").read_text())["targets"]["mode"] == "topk"
+    assert json.loads((work / "cache" / "heldout" / "manifest.json").read_text())["extra"]["targets"]["mode"] == "topk"
     assert (work / "kd_hf" / "config.json").exists() and (work / "kd_hf" / "tokenizer.json").exists()
     assert (work / "kd_2ranks" / "checkpoints" / "latest").exists()
     metrics = [json.loads(line) for line in (work / "kd" / "metrics.jsonl").read_text().splitlines()]

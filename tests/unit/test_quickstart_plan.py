@@ -53,6 +53,7 @@ def test_students_differ_only_in_their_loss(tmp_path):
     assert {name: cfg.loss.divergence for name, cfg in configs.items()} == {
         "ce": "ce", "kl": "kl", "rkl": "rkl", "js": "js", "tvd": "tvd", SAMPLED: "kl"}
     assert configs[SAMPLED].data.teacher_cache.endswith("train_sampled")
+    assert configs["js"].loss.ce_weight == 0.5 and configs[SAMPLED].loss.ce_weight == 0.0
     assert configs["js"].data.teacher_cache.endswith("train_topk")
 
 
