@@ -9,12 +9,12 @@ and top-1 agreement on the same held-out samples, whatever its training loss was
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import os
 import platform
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.train.monitor import read_metrics
@@ -24,7 +24,7 @@ HEADINGS = ("run", "trained with", "held-out ppl", "ppl vs CE", "KL(teacher‖st
             "tokens/s", "train time (s)")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Result:
     """The last held-out eval and the throughput of one run."""
 
@@ -53,7 +53,7 @@ def read_result(run_dir: Path, name: str, label: str, seconds: float) -> Result:
 def with_ratios(results: list[Result], baseline: str) -> list[Result]:
     """The results with each perplexity's ratio to the baseline run's."""
     base = next(r.heldout_ppl for r in results if r.run == baseline)
-    return [Result(**{**r.__dict__, "vs_ce": r.heldout_ppl / base}) for r in results]
+    return [dataclasses.replace(r, vs_ce=r.heldout_ppl / base) for r in results]
 
 
 def _cells(result: Result) -> list[str]:

@@ -133,7 +133,7 @@ def test_tensorboard_serves_the_walkthrough_run(walkthrough, workdir):
             assert line or server.poll() is None, "tensorboard exited"
         assert url, "tensorboard printed no address"
         runs = json.loads(urllib.request.urlopen(f"{url}/data/runs", timeout=30).read())
-        assert runs == ["."] or runs, runs
+        assert runs, "tensorboard found no run under the logdir"
     finally:
         server.terminate()
         server.wait(timeout=30)
