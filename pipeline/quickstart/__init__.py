@@ -37,8 +37,9 @@ def run_quickstart(cfg: QuickstartConfig, out: Path, command: str, console: Text
     results = with_ratios(_results(out, labels, seconds), BASELINE)
     table = write_tables(out, results, command, time.monotonic() - started)
     plot_curves(out, labels, TEACHER)
+    best = min((r for r in results if r.run not in (TEACHER, BASELINE)), key=lambda r: r.heldout_ppl, default=None)
     print(f"\n{table}\nIn {out}:\n  results.md, results.csv, loss_curves.png\n"
-          f"  student_hf/  the best distilled student ({_best_distilled(out, cfg, labels)}), a Hugging Face folder\n"
+          f"  student_hf/  the best distilled student ({best.run if best else BASELINE}), a Hugging Face folder\n"
           f"  runs/        every run's checkpoints, metrics.jsonl and TensorBoard events:\n"
           f"               tensorboard --logdir {out / 'runs'}\n"
           f"  configs/, commands.sh, logs/   what each stage ran, to rerun or change by hand", file=console)
