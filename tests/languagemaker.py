@@ -6,6 +6,9 @@ is real (a few nats per token, far below log(vocab)), so a model can learn it bu
 `make_language_shards(folder, language, sizes, seed=...)` writes documents of that chain, packed back
 to back (concat packing, segments at document starts) into token shards of the project's format, the
 way tests/shardmaker.py does: same chain with another seed = a held-out set of the same language.
+`make_bestfit_shards` writes documents of the chain cut to between half and three quarters of a window,
+packed by the project's own bestfit packer: often one document per window, so about a fifth of the
+stored tokens are EOS padding (plus, on request, windows of a single real token: no real label at all).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import webdataset as wds
 
 from tokenization.format import Manifest, ShardEntry, encode_sample, write_manifest
+from tokenization.packing import bestfit, with_eos
 
 FINGERPRINT = "m" * 64
 
@@ -84,6 +88,50 @@ def make_language_shards(folder, language: MarkovLanguage, sizes, *, seq_len: in
                 writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", window.astype(dtype), segments))
         entries.append(ShardEntry(name, count, count * (seq_len + 1), _sha256(folder / name)))
     manifest = Manifest(FINGERPRINT, language.vocab_size, language.eos_id, seq_len, "concat", tuple(entries),
+                        "tests/languagemaker.py")
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def bestfit_windows(language: MarkovLanguage, count: int, *, seq_len: int, seed: int) -> list:
+    """`count` (tokens, segments) windows of bestfit packing over documents of the chain, each cut to
+    seq_len // 2 .. 3 · seq_len // 4 ids before its EOS (a document that ends sooner keeps its own end)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if language.vocab_size < 65536 else np.uint32
+    docs, stream = [], language.stream(rng, 4 * count * (seq_len + 1))
+    starts = [0] + (np.flatnonzero(stream == language.eos_id) + 1).tolist()
+    for lo, hi in zip(starts, starts[1:]):
+        body = stream[lo:hi - 1][: int(rng.integers(seq_len // 2, 3 * seq_len // 4 + 1))]
+        if len(body):
+            docs.append(with_eos(body, language.eos_id, dtype))
+    windows = list(bestfit(docs, seq_len, language.eos_id, dtype))
+    if len(windows) < count:
+        raise ValueError(f"the chain gave {len(windows)} bestfit windows, fewer than the {count} asked for")
+    return windows[:count]
+
+
+def make_bestfit_shards(folder, language: MarkovLanguage, sizes, *, seq_len: int = 32, seed: int = 0,
+                        single_token: tuple = (), prefix: str = "shard") -> Manifest:
+    """Like `make_language_shards`, with bestfit windows; the windows at the dataset-wide indices
+    `single_token` hold one real token (a document start) and padding only."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    windows = bestfit_windows(language, sum(sizes), seq_len=seq_len, seed=seed)
+    for at in single_token:
+        tokens = np.full(seq_len + 1, language.eos_id, dtype=windows[at][0].dtype)
+        tokens[0] = 1 + at % (language.vocab_size - 1)
+        windows[at] = (tokens, np.array([0, 1], dtype=np.int32))
+    entries, at = [], 0
+    for shard, count in enumerate(sizes):
+        name = f"{prefix}-{shard:06d}.tar"
+        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+            for offset in range(count):
+                tokens, segments = windows[at + offset]
+                writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", tokens, segments))
+        real = sum(int(windows[at + i][1][-1]) for i in range(count))
+        entries.append(ShardEntry(name, count, real, _sha256(folder / name)))
+        at += count
+    manifest = Manifest(FINGERPRINT, language.vocab_size, language.eos_id, seq_len, "bestfit", tuple(entries),
                         "tests/languagemaker.py")
     write_manifest(folder, manifest)
     return manifest

@@ -106,7 +106,8 @@ class _SourceStream:
 
 class TokenShardDataset(IterableDataset):
     """Micro-batches for one DP rank: dict(tokens [B, seq_len+1] int64, segments [B, S] int64 padded
-    with -1, keys, step, epoch, and `sidecars`: per sample {prefix.member: bytes} when joined)."""
+    with -1, keys, step, epoch, and `sidecars`: per sample {prefix.member: bytes} when joined).
+    A consumer masks the positions whose label is padding with `label_mask(segments, seq_len)`."""
 
     def __init__(self, sources, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
                  shuffle: bool = True, shuffle_window: int = 256, verify: bool = False,
@@ -211,3 +212,11 @@ def collate(decoded: list) -> tuple[torch.Tensor, torch.Tensor]:
     for row, (_, seg) in enumerate(decoded):
         segments[row, : len(seg)] = seg
     return torch.from_numpy(np.stack([tok for tok, _ in decoded]).astype(np.int64)), torch.from_numpy(segments)
+
+
+def label_mask(segments: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Bool [B, seq_len]: position t counts iff its label, token t + 1, is real (t + 1 < end, end = the
+    row's largest `segments` entry, so collate's −1 padding is ignored). Every position of a concat
+    sample counts; a bestfit sample's padding counts nowhere (loss, eval, token counts)."""
+    ends = segments.max(dim=-1, keepdim=True).values
+    return torch.arange(1, seq_len + 1, device=segments.device) < ends

@@ -28,7 +28,7 @@ from pipeline.data.sources import ShardSet
 from pipeline.model.builder import compute_dtype
 from pipeline.parallel import ParallelContext
 from pipeline.teacher.errors import CacheError
-from pipeline.teacher.format import codec_of, targets_record
+from pipeline.teacher.format import codec_of, encode_record, target_positions, targets_record
 from pipeline.teacher.identity import bind_output, check_teacher_tokenizer, check_vocabulary, weights_sha256
 from pipeline.teacher.targets import sampled_targets, topk_targets
 from pipeline.teacher.writer import CacheShardWriter, ShardRecord, write_cache_manifest
@@ -178,9 +178,9 @@ class CacheJob:
         logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
         keys = [raw["__key__"] for raw in raws]
         self._check_finite(logits, keys, where)
-        for key, payload, floor_bits in self._encode(logits, keys):
+        for key, payload, positions, floor_bits in self._encode(logits, keys, target_positions(segments)):
             if writer is not None:
-                writer.write(key, self.record["member"], payload, positions=manifest.seq_len, floor_bits=floor_bits)
+                writer.write(key, self.record["member"], payload, positions=positions, floor_bits=floor_bits)
 
     def _check_finite(self, logits: torch.Tensor, keys: list[str], where: str) -> None:
         bad = (~torch.isfinite(logits.amax(dim=-1))).any(dim=1).int()  # max propagates NaN and +inf: one read pass
@@ -191,29 +191,28 @@ class CacheJob:
             raise CacheError(f"{where}: the teacher's logits for sample {key!r} are NaN or infinite; nothing was "
                              f"written for this shard. Check the teacher's weights and compute.dtype")
 
-    def _encode(self, logits: torch.Tensor, keys: list[str]):
-        """(key, codec record, information floor in bits) per sample of a batch's logits [B, S, Vl]."""
+    def _encode(self, logits: torch.Tensor, keys: list[str], counts):
+        """(key, codec record, target positions, information floor in bits) per sample of a batch's logits
+        [B, S, Vl]; sample b gets targets at its first counts[b] positions only (format.target_positions)."""
         targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
-        batch, positions = logits.shape[:2]
-        flat = logits.reshape(batch * positions, -1)
-        if targets.mode == "topk":
-            found = topk_targets(flat, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
-            ids, logprobs, log_rest = (t.cpu().numpy() for t in found)
-            for row, key in enumerate(keys):
-                part = slice(row * positions, (row + 1) * positions)
-                payload = self.codec.encode(ids[part], logprobs[part], log_rest[part])
-                yield key, payload, self.codec.floor_bits() * positions
-            return
-        uniforms = torch.cat([key_uniforms(self.cfg.seed, key, positions, targets.draws) for key in keys])
-        ids, counts = sampled_targets(flat, uniforms.to(logits.device), temperature=targets.temperature,
-                                      vocab_size=vocab, group=group)
-        ids, counts = ids.cpu().numpy(), counts.cpu().numpy()
         for row, key in enumerate(keys):
-            part = slice(row * positions, (row + 1) * positions)
-            unique = (ids[part] >= 0).sum(axis=1)
-            width = max(1, int(unique.max()))
-            payload = self.codec.encode(ids[part, :width], counts[part, :width])
-            yield key, payload, float(self.codec.floor_bits(unique).sum())
+            count = int(counts[row])
+            real = logits[row, :count]  # a view: padding positions get no target and cost nothing
+            if targets.mode == "topk":
+                found = topk_targets(real, k=targets.k, temperature=targets.temperature, vocab_size=vocab,
+                                     group=group)
+                ids, logprobs, log_rest = (t.cpu().numpy() for t in found)
+                yield key, encode_record(self.codec, count, ids, logprobs, log_rest), count, \
+                    self.codec.floor_bits() * count
+                continue
+            uniforms = key_uniforms(self.cfg.seed, key, logits.shape[1], targets.draws)[:count]
+            ids, counts_ = sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
+                                           vocab_size=vocab, group=group)
+            ids, counts_ = ids.cpu().numpy(), counts_.cpu().numpy()
+            unique = (ids >= 0).sum(axis=1)
+            width = max(1, int(unique.max(initial=0)))
+            yield key, encode_record(self.codec, count, ids[:, :width], counts_[:, :width]), count, \
+                float(self.codec.floor_bits(unique).sum())
 
     # ---- the end
 

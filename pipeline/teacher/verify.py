@@ -2,7 +2,8 @@
 
 Integrity (always): the manifest and its targets record; the join with the token shards (tokenizer,
 source sha256, sample counts; pipeline/data/sources.py); every cache shard's sha256; and, reading the
-cache and token shards side by side, every key in order and every record decodable.
+cache and token shards side by side, every key in order and every record decodable as the token
+sample's target positions (its real labels only, format.py).
 
 Fidelity (with `teacher`): the teacher runs in this process at TP=1 on whole samples spread evenly over
 the dataset (about `positions` positions). Top-K: the decoded ids against the recomputed top-K, the
@@ -26,7 +27,7 @@ from pipeline.data.shards import ShardReader, sha256_of
 from pipeline.data.sources import ShardSet, sidecar_shards
 from pipeline.teacher.codec import SampledCodec
 from pipeline.teacher.errors import CacheError
-from pipeline.teacher.format import codec_of
+from pipeline.teacher.format import codec_of, decode_record, target_positions
 from tokenization.format import ShardFormatError, decode_sample
 
 ID_MISMATCH_LIMIT = 0.01
@@ -82,7 +83,10 @@ def _check_samples(cache: ShardSet, source: ShardSet, shard: int, token_shard: i
                 raise CacheError(f"{where}: sample key {key!r} where the token shard has {token_sample['__key__']!r}")
             if member not in sample:
                 raise CacheError(f"{where}: sample {key!r} has no member {member!r}")
-            codec.decode(sample[member], where=f"{where} sample {key!r}")
+            manifest = source.manifest
+            _, segments = decode_sample(token_sample, seq_len=manifest.seq_len, dtype=manifest.dtype,
+                                        where=source.where(token_shard))
+            decode_record(codec, sample[member], int(target_positions(segments)), where=f"{where} sample {key!r}")
     finally:
         ours.close()
         theirs.close()
@@ -132,14 +136,19 @@ class Fidelity:
         tokens, segments = decode_sample(raw, seq_len=manifest.seq_len, dtype=manifest.dtype, where="verify")
         batch = torch.from_numpy(tokens.astype(np.int64))[None]
         document_ids = model.document_ids(torch.from_numpy(segments.astype(np.int64))[None], manifest.seq_len)
-        logits = model(batch[:, :-1], document_ids)[0][:, : self.record["vocab_size"]]  # [S, V]
+        count = int(target_positions(segments))  # the positions with a real label: the record's
+        logits = model(batch[:, :-1], document_ids)[0][:count, : self.record["vocab_size"]]  # [count, V]
         payload = self._read(self.cache, self.index[token_shard], sample)[self.record["member"]]
+        decoded = decode_record(self.codec, payload, count)
+        if count == 0:  # one real token, no real label: the record is empty, nothing to compare
+            return {"positions": 0, "reproduced": 0, "id_mismatch": 0, "logprob_error": 0.0, "ratio_error": 0.0,
+                    "kl": torch.zeros(0, dtype=torch.float64)}
         if isinstance(self.codec, SampledCodec):
-            return self._compare_sampled(logits, raw["__key__"], payload)
-        return self._compare_topk((logits.double() / self.record["temperature"]).log_softmax(-1), payload)
+            return self._compare_sampled(logits, raw["__key__"], decoded)
+        return self._compare_topk((logits.double() / self.record["temperature"]).log_softmax(-1), decoded)
 
-    def _compare_topk(self, logp: torch.Tensor, payload: bytes) -> dict:
-        ids, logprobs, log_rest = (torch.from_numpy(a) for a in self.codec.decode(payload))
+    def _compare_topk(self, logp: torch.Tensor, decoded: tuple) -> dict:
+        ids, logprobs, log_rest = (torch.from_numpy(a) for a in decoded)
         want_ids = logp.topk(ids.shape[1], dim=-1).indices.sort(dim=-1).values
         truth = logp.gather(-1, ids)
         truth_rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
@@ -152,13 +161,13 @@ class Fidelity:
                 "logprob_error": float((logprobs.double() - truth).abs().max()),
                 "ratio_error": float((ratio - true_ratio).abs().max()), "kl": kl}
 
-    def _compare_sampled(self, logits: torch.Tensor, key: str, payload: bytes) -> dict:
+    def _compare_sampled(self, logits: torch.Tensor, key: str, decoded: tuple) -> dict:
         from pipeline.teacher.job import key_uniforms
         from pipeline.teacher.targets import sampled_targets
 
-        ids, counts = self.codec.decode(payload)
+        ids, counts = decoded
         seed = self.cache.manifest.extra.get("job", {}).get("seed") or 0
-        uniforms = key_uniforms(seed, key, logits.shape[0], self.record["draws"])
+        uniforms = key_uniforms(seed, key, self.source.manifest.seq_len, self.record["draws"])[: logits.shape[0]]
         want_ids, want_counts = sampled_targets(logits.float(), uniforms, temperature=self.record["temperature"],
                                                 vocab_size=self.record["vocab_size"])
         width = ids.shape[1]
@@ -168,6 +177,8 @@ class Fidelity:
 
     def _summarise(self, found: list[dict]) -> dict:
         positions = sum(f["positions"] for f in found)
+        if positions == 0:  # every sample checked held one real token: nothing to compare
+            return {"positions_checked": 0}
         if isinstance(self.codec, SampledCodec):
             return {"positions_checked": positions, "draws_reproduced": sum(f["reproduced"] for f in found) / positions}
         kl = torch.cat([f["kl"] for f in found])

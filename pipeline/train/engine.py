@@ -10,9 +10,16 @@ the DP group and the TP ranks of a DP group hold different slices of the same mo
 DeepSpeed's backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them,
 and skips the update (counting it in `engine.skipped_steps`) when a gradient is not finite.
 
+Only positions whose label is a real token count (`label_mask`: a bestfit sample's padding is neither
+trained on nor counted in tokens), and the step's gradient is the mean over the real tokens of all its
+micro-batches and DP ranks: DeepSpeed averages the micro-batch losses (each a mean over its own real
+tokens) with equal weights, so each loss is scaled by its share, count × G × dp / total, before backward.
+With no padding every share is exactly 1 and nothing is scaled.
+
 Design choice: the loss parts and metrics are summed on the device and all-reduced once per step
 over the DP group (one small collective), never per micro-batch; the cost is that a console line
-reports the average over the step's micro-batches, not the last one.
+reports the average over the step's micro-batches, not the last one. The real-token total costs one
+more scalar all-reduce per step, before the first forward.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
+from pipeline.data.dataset import label_mask
 from pipeline.losses import distill_loss
 from pipeline.model.builder import build_model, compute_dtype
 from pipeline.parallel import ParallelContext
@@ -78,21 +86,24 @@ class StudentStep:
                                 **cfg.loss.divergence_params())
 
     def forward(self, batch: dict, *, targets=True):
-        """(logits [B, S, Vl], labels [B, S], the batch's teacher targets or None)."""
+        """(logits [B, S, Vl], labels [B, S], the mask [B, S] of positions that count, the batch's teacher
+        targets or None)."""
         device = self.ctx.device
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        mask = label_mask(batch["segments"], inputs.shape[1]).to(device)
         documents = self.engine.module.document_ids(batch["segments"], inputs.shape[1])
         teacher = self.targets.targets(batch, device) if (targets and self.targets is not None) else None
-        return self.engine(inputs, document_ids=documents), labels, teacher
+        return self.engine(inputs, document_ids=documents), labels, mask, teacher
 
     def run(self, micro_batches: list) -> StepResult:
         sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
         skipped_before, lr = self.engine.skipped_steps, self.engine.get_lr()[0]
-        for batch in micro_batches:
-            logits, labels, teacher = self.forward(batch)
-            out = distill_loss(logits, teacher, labels=labels, **self.loss_kwargs)
-            self.engine.backward(out.loss)
+        shares = self._token_shares(micro_batches)
+        for batch, share in zip(micro_batches, shares):
+            logits, labels, mask, teacher = self.forward(batch)
+            out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **self.loss_kwargs)
+            self.engine.backward(out.loss if share == 1.0 else out.loss * share)
             self.engine.step()
             count = out.num_tokens
             parts = (out.loss.detach(), out.kd, out.ce, out.metrics["top1_agreement"])
@@ -106,3 +117,14 @@ class StudentStep:
         norm = self.engine.get_global_grad_norm()
         return StepResult(values, int(total), self.engine.skipped_steps > skipped_before,
                           float("nan") if norm is None else float(norm), lr)
+
+    def _token_shares(self, micro_batches: list) -> list[float]:
+        """Each micro-batch's real-token count × G × dp / the step's total over every micro-batch and DP
+        rank: the loss scale that turns DeepSpeed's equal-weight average into a per-token mean."""
+        counts = [int(label_mask(b["segments"], b["tokens"].shape[1] - 1).sum()) for b in micro_batches]
+        total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        total = float(total)
+        slots = len(micro_batches) * self.ctx.dp_size
+        return [count * slots / total if total > 0 else 0.0 for count in counts]

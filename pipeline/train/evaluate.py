@@ -1,10 +1,14 @@
 """Held-out evaluation: the student's perplexity, its KL divergence to the teacher, top-1 agreement.
 
 Every DP rank reads its own `eval.batches` micro-batches of the held-out shards, in a fixed order (no
-shuffle), the same ones at every evaluation, so successive evaluations are comparable. Sums are
-weighted by token and all-reduced over the DP group. The divergence reported is always the forward
-KL(teacher ‖ student) on the cache's targets (with the rest bucket for top-K), whatever the training
-divergence, so runs trained with different divergences are measured with one ruler.
+shuffle), the same ones at every evaluation, so successive evaluations are comparable. Only positions
+whose label is a real token count (a bestfit sample's padding is neither scored nor counted); sums are
+weighted by those tokens and all-reduced over the DP group. The divergence reported is always the
+forward KL(teacher ‖ student) on the cache's targets, decoded the same way for every run: top-K with
+the rest bucket (`EVAL_SPARSE_MODE`, whatever the run's `loss.target_mode`), sampled as the plug-in
+KL(p̂ ‖ q) with p̂ = counts/N (sampled targets have one reading only). Runs trained with different
+divergences or target modes on one held-out cache are so measured with one ruler; figures from a top-K
+and a sampled cache are different rulers and are not comparable.
 
 Design choice: eval runs the same engine (under ZeRO-3 every rank gathers the same parameters in the
 same order, so every DP rank does the same number of forwards); the cost is that eval time is not
@@ -24,6 +28,9 @@ from pipeline.parallel import ParallelContext
 from pipeline.teacher.reader import CacheTargets
 from pipeline.train.stream import TEACHER, make_dataset
 
+EVAL_SPARSE_MODE = "tail"
+"""How eval reads top-K targets in every run: the exact divergence of the K+1-outcome coarsenings."""
+
 
 class Evaluator:
     """Evaluates a `StudentStep`'s engine on the held-out shards of `cfg.data`."""
@@ -34,7 +41,7 @@ class Evaluator:
         self.dataset = make_dataset(data.eval_tokens, data.eval_teacher_cache, cfg, rank=ctx.dp_rank,
                                     size=ctx.dp_size, shuffle=False)
         self.targets = CacheTargets(data.eval_teacher_cache, prefix=TEACHER,
-                                    sparse_mode=cfg.loss.target_mode) if data.eval_teacher_cache else None
+                                    sparse_mode=EVAL_SPARSE_MODE) if data.eval_teacher_cache else None
         self.batches = min(cfg.eval.batches, self.dataset.steps_per_epoch)
         if self.batches < cfg.eval.batches and ctx.rank == 0:
             warnings.warn(f"eval.batches={cfg.eval.batches} but {data.eval_tokens} holds only {self.batches} "
@@ -65,8 +72,9 @@ class Evaluator:
         return out
 
     def _one(self, step, batch: dict) -> torch.Tensor:
-        logits, labels, _ = step.forward(batch, targets=False)
-        common = dict(tp_group=self.ctx.tp_group, vocab_size=self.cfg.model.vocab_size, labels=labels)
+        logits, labels, mask, _ = step.forward(batch, targets=False)
+        common = dict(tp_group=self.ctx.tp_group, vocab_size=self.cfg.model.vocab_size, labels=labels,
+                      loss_mask=mask)
         ce = distill_loss(logits, None, divergence="ce", **common)
         count = float(ce.num_tokens)
         row = [float(ce.ce) * count, 0.0, 0.0, count]
