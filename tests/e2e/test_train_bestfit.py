@@ -1,7 +1,8 @@
 """Bestfit padding counts nowhere, and eval is one ruler, checked against independent references.
 
 The data are bestfit-packed documents of a Markov language (tests/languagemaker.py): about a fifth of
-the stored tokens are EOS padding, and one held-out window holds a single real token (no real label).
+the stored tokens are EOS padding, and one training and one held-out window hold a single real token
+(no real label; the training one makes the step's two micro-batches differ widely in real tokens).
 A random Hugging Face teacher is cached by the real cache job; the trainer runs one optimizer step of
 two micro-batches (grad_accumulation 2) at a learning rate of 1e-30, so its exported weights are its
 initial ones to the bit, and then evaluates on every held-out sample.
@@ -108,19 +109,20 @@ def _real(batch: dict) -> torch.Tensor:
     return torch.arange(1, SEQ_LEN + 1)[None] < ends[:, None]
 
 
-def _batches(folder: Path, tokens: str, cache: str | None, *, slots: int, steps: int, shuffle: bool) -> list:
+def _batches(folder: Path, tokens: str, cache: str | None, *, slots: int, steps: int) -> list:
     """The micro-batches the trainer reads (pipeline/train/stream.py): steps 0..steps-1 of each of `slots`
-    reader ranks, shuffled as training reads (eval reads in order)."""
+    reader ranks, in order (RUN turns training's shuffle off; eval never shuffles)."""
     from pipeline.train.stream import make_dataset
 
     cfg = train_config(student_overrides(folder / "x", folder / tokens, **RUN))
     sets = [make_dataset(str(folder / tokens), str(folder / cache) if cache else "", cfg, rank=i, size=slots,
-                         shuffle=shuffle and cfg.data.shuffle) for i in range(slots)]
+                         shuffle=False) for i in range(slots)]
     return [ds.batch(step) for step in range(steps) for ds in sets]
 
 
-def _teacher_rows(folder: Path, cache: str, batch: dict, real: torch.Tensor) -> torch.Tensor:
-    """[n_real, K+1] teacher log-probs at its K ids and of the rest, decoded at the real positions only."""
+def _teacher_rows(folder: Path, cache: str, batch: dict, real: torch.Tensor) -> tuple:
+    """(ids [n_real, K], log-probs [n_real, K], log rest [n_real]) of the batch's records, decoded by the codec
+    at each sample's real positions only."""
     from pipeline.teacher.codec import TopkCodec
 
     record = json.loads((folder / cache / "manifest.json").read_text())["extra"]["targets"]
@@ -147,13 +149,13 @@ def _reference(model, folder: Path, batches: list, cache: str | None, *, kl: boo
         log_q = model(input_ids=tokens[:, :-1]).logits.double().log_softmax(-1)[real]  # [n_real, V]
         ce = -log_q.gather(-1, tokens[:, 1:][real][:, None]).squeeze(-1)
         trained = ce
-        sums["ce"] += float(ce.sum())
+        sums["ce"] += float(ce.detach().sum())
         if cache:
             ids, logprobs, log_rest = _teacher_rows(folder, cache, batch, real)
             teacher = torch.cat([logprobs, log_rest[:, None]], -1)
             rows = divergence_rows("kl", teacher, _coarsen(log_q, ids), {})
             trained = rows if kl else ce
-            sums["kl"] += float(rows.sum())
+            sums["kl"] += float(rows.detach().sum())
             sums["top1"] += float((log_q.argmax(-1) == ids.gather(-1, logprobs.argmax(-1, keepdim=True))[:, 0]).sum())
         (trained.sum() / total).backward()
     norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
@@ -165,7 +167,7 @@ def _close(got: float, want: float, what: str, rtol: float = 1e-5) -> None:
 
 
 def test_the_data_has_padding_and_a_sample_without_real_labels(world):
-    batches = _batches(world, "heldout", None, slots=1, steps=EVAL_BATCHES, shuffle=False)
+    batches = _batches(world, "heldout", None, slots=1, steps=EVAL_BATCHES)
     real = torch.cat([_real(b) for b in batches])
     assert 0.1 < 1 - float(real.float().mean()) < 0.5, "padding should be plentiful but not everything"
     assert (real.sum(-1) == 0).sum() == 1
@@ -192,7 +194,7 @@ def test_reader_leaves_padding_empty_and_real_positions_exact(world):
     from pipeline.teacher.reader import CacheTargets
 
     teacher = _hf(world / "teacher")
-    batch = _batches(world, "heldout", "cache_heldout_topk", slots=1, steps=1, shuffle=False)[0]
+    batch = _batches(world, "heldout", "cache_heldout_topk", slots=1, steps=1)[0]
     targets = CacheTargets(str(world / "cache_heldout_topk")).targets(batch)
     real = _real(batch)
     assert (targets.ids[~real] == -1).all() and (targets.ids[real] >= 0).all()
@@ -206,7 +208,7 @@ def test_training_counts_real_tokens_only(world, runs, name):
     train_row, _ = runs[name]
     model = _hf(world / f"{name}_hf")
     cache = "cache_train_topk" if name == "kl" else None
-    batches = _batches(world, "train", cache, slots=SLOTS, steps=1, shuffle=True)
+    batches = _batches(world, "train", cache, slots=SLOTS, steps=1)
     counts = sorted(int(_real(b).sum()) for b in batches)
     assert counts[1] > 1.5 * counts[0] > 0, f"the micro-batches' real tokens {counts} should differ widely"
     ref = _reference(model, world, batches, cache, kl=name == "kl")
@@ -217,11 +219,13 @@ def test_training_counts_real_tokens_only(world, runs, name):
 
 def test_eval_counts_real_tokens_only(world, runs):
     _, row = runs["ce_tail"]
-    batches = _batches(world, "heldout", "cache_heldout_topk", slots=1, steps=EVAL_BATCHES, shuffle=False)
+    batches = _batches(world, "heldout", "cache_heldout_topk", slots=1, steps=EVAL_BATCHES)
     assert len({k for b in batches for k in b["keys"]}) == sum(HELDOUT), "eval reads every held-out sample once"
-    ref = _reference(_hf(world / "ce_tail_hf"), world, batches, "cache_heldout_topk", kl=False)
-    _close(row["eval/loss"], ref["ce"], "eval/loss")
-    _close(row["eval/perplexity"], math.exp(ref["ce"]), "eval/perplexity")
+    model = _hf(world / "ce_tail_hf")
+    ce = _reference(model, world, batches, None, kl=False)["ce"]  # the tokens alone first: no cache read
+    _close(row["eval/loss"], ce, "eval/loss")
+    _close(row["eval/perplexity"], math.exp(ce), "eval/perplexity")
+    ref = _reference(model, world, batches, "cache_heldout_topk", kl=False)
     _close(row["eval/divergence"], ref["kl"], "eval/divergence")
     _close(row["eval/top1_agreement"], ref["top1"], "eval/top1_agreement")
 
@@ -231,3 +235,18 @@ def test_eval_is_one_ruler_for_tail_and_renorm_runs(runs):
     assert renorm["eval/loss"] == tail["eval/loss"], "same seed, CE training, lr 1e-30: the same weights"
     assert renorm["eval/divergence"] == tail["eval/divergence"]
     assert renorm["eval/top1_agreement"] == tail["eval/top1_agreement"]
+
+
+def test_a_cache_of_the_previous_format_is_refused_by_name(world):
+    """Version 1 records held padding positions too: read as version 2 they would misalign, so they are refused."""
+    from pipeline.teacher.errors import CacheError
+    from pipeline.teacher.reader import CacheTargets
+
+    old = world / "cache_v1"
+    old.mkdir()
+    manifest = json.loads((world / "cache_heldout_topk" / "manifest.json").read_text())
+    manifest["extra"]["targets"]["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"cache_v1/manifest.json: targets format 'distill-cache' v1 is not "
+                                         r"distill-cache v2"):
+        CacheTargets(str(old))
