@@ -23,7 +23,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Self
 
 import torch
 
@@ -206,7 +205,7 @@ class Monitor:
             self._jsonl.close()
             self._jsonl = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc) -> None:
