@@ -2,8 +2,9 @@
 
 A cache sample holds one member, `topk.bin` or `sampled.bin`, the codec's record of the sample's
 `seq_len` positions (position t is the teacher's distribution for the token at t+1, computed from
-positions ≤ t, DESIGN.md's shift convention). The manifest's `extra["targets"]` says which codec and
-with which parameters, so a reader needs nothing but the manifest to decode.
+positions ≤ t: the trainer's shift, whose labels are the tokens moved left by one). The manifest's
+`extra["targets"]` says which codec and with which parameters, so a reader needs nothing but the
+manifest to decode.
 """
 from __future__ import annotations
 

@@ -24,8 +24,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import torch
-
 from tokenization.format import write_atomic
 
 ETA_WINDOW = 50  # steps in the moving average of step time behind the ETA
@@ -81,6 +79,8 @@ def format_eval_line(step: int, scalars: dict[str, float]) -> str:
 
 def memory_gib(device) -> float:
     """Peak memory in GiB: CUDA's max allocated on a CUDA device, else this process's peak RSS."""
+    import torch  # here, not at the top: the quickstart's report and so `distill --help` import this module
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
