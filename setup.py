@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20,<1",
     "transformers>=4.45,<6",
     "safetensors>=0.4,<1",
+    "huggingface_hub>=0.24,<3",
     "numpy>=1.26,<3",
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
