@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20,<1",
     "transformers>=4.45,<6",
     "safetensors>=0.4,<1",
+    "huggingface_hub>=0.24,<3",
     "numpy>=1.26,<3",
     "pyyaml>=6,<7",
     "tqdm>=4.66,<5",
@@ -31,7 +32,13 @@ setup(
     name="distill-pipeline",
     version="0.1.0",
     description="Knowledge distillation during LLM pretraining with f-divergences over vocab-parallel logits",
-    python_requires=">=3.10",
+    python_requires=">=3.10",  # 3.10 is kept working by tests/unit/test_python_compat.py; 3.12+ untested
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Operating System :: POSIX :: Linux",
+    ],
     packages=find_packages(include=["pipeline", "pipeline.*", "tokenization", "tokenization.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

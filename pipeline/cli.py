@@ -2,9 +2,11 @@
 
 Design choice: the CLI stays thin. Each subcommand is one small handler that resolves a config
 (YAML file plus `section.key=value` overrides) and passes the typed config to the code that does the
-work, so everything a run does is visible in its resolved config and nothing hides in flags. This
-module imports nothing heavy (no torch), so `distill --help` and config errors come back at once;
-the cost is that stages import their own dependencies inside their handlers.
+work, so everything a run does is visible in its resolved config and nothing hides in flags. Importing
+this module imports no torch, DeepSpeed, megatron or transformers (tests/unit/test_cli.py checks it), so
+`distill --help` and config errors come back in a fraction of a second; the cost is that stages import
+their own dependencies inside their handlers, and modules the CLI reaches (the quickstart's report, the
+monitor) import torch inside the functions that need it.
 """
 from __future__ import annotations
 

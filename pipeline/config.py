@@ -166,10 +166,9 @@ class ComputeConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One run of the pipeline: run-wide settings at the top level, then one mapping per section."""
+    """The loss sections alone (`distill config --kind loss`): the process layout and the loss, as a training
+    run reads them; no command runs from it, so it has no run-wide settings such as a seed."""
 
-    seed: int = setting(1234, "Seed of every random number generator (data order, initialisation, sampling); "
-                              "the same seed and config repeat a run.", non_negative)
     parallel: ParallelConfig = section(ParallelConfig, "Process layout: tensor and data parallelism.")
     loss: LossConfig = section(LossConfig, "The distillation loss and its divergence.")
 

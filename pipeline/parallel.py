@@ -234,11 +234,6 @@ class ParallelContext:
         return self._group("dp")
 
     @property
-    def is_main(self) -> bool:
-        """True on global rank 0, the one that logs and writes shared files."""
-        return self.rank == 0
-
-    @property
     def tp_src_rank(self) -> int:
         """Global rank of TP rank 0 in this rank's TP group (the source of TP broadcasts)."""
         return self.dp_rank * self.tp_size

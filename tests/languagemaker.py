@@ -41,15 +41,6 @@ class MarkovLanguage:
         self.transitions[self.eos_id] /= self.transitions[self.eos_id].sum()
         self._cumulative = np.cumsum(self.transitions, axis=1)
 
-    def entropy(self) -> float:
-        """The chain's entropy rate in nats per token (under its stationary distribution)."""
-        values, vectors = np.linalg.eig(self.transitions.T)
-        stationary = np.abs(np.real(vectors[:, np.argmin(np.abs(values - 1))]))
-        stationary /= stationary.sum()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.where(self.transitions > 0, np.log(self.transitions), 0.0)
-        return float(-(stationary[:, None] * self.transitions * logs).sum())
-
     def stream(self, rng: np.random.Generator, length: int) -> np.ndarray:
         """`length` ids of documents back to back, each ending with EOS (the first starts after one)."""
         out = np.empty(length, dtype=np.int64)

@@ -43,6 +43,7 @@ def full_inputs(case: Case) -> dict:
     n, vp, v = case.tokens, case.padded_vocab, case.vocab
     student = (torch.randn(n, vp, generator=gen) * 1.5).double()  # fp32 values, held in float64
     teacher = (torch.randn(n, vp, generator=gen) * 2.5).double()
+    student[::2] = 0.5 * student[::2] + teacher[::2]  # even rows mostly share the teacher's top-1: agreement > 0
     labels = torch.randint(0, v, (n,), generator=gen)
     mask = torch.ones(n)
     if case.masked:
@@ -149,6 +150,28 @@ def reference_loss(case: Case, inputs: dict, student_full: torch.Tensor) -> dict
     return {"loss": kd_w * kd + w * ce, "kd": kd.detach(), "ce": ce.detach()}
 
 
+def reference_top1(case: Case, inputs: dict) -> tuple[float, float]:
+    """The share of counted positions where the student's largest real logit is the teacher's most likely id,
+    as (lowest, highest) over the ways to break a tie for the teacher's top (sampled draws tie often)."""
+    v = case.vocab
+    if case.kind == "dense":
+        teacher = inputs["teacher"][:, :v]
+    elif case.kind in ("tail", "renorm", "sampled"):
+        ids, values = ((inputs["ids"], inputs["logprobs"]) if case.kind != "sampled"
+                       else (inputs["s_ids"], inputs["s_counts"].log()))
+        teacher = torch.full((ids.shape[0], v + 1), float("-inf"), dtype=torch.float64)
+        teacher.scatter_(1, torch.where(ids >= 0, ids, v), torch.where(ids >= 0, values.double(), float("-inf")))
+        teacher = teacher[:, :v]
+    else:
+        return 0.0, 0.0  # no teacher: nothing to agree with
+    tops = teacher == teacher.max(dim=-1, keepdim=True).values
+    hit = tops.gather(1, inputs["student"][:, :v].argmax(dim=-1, keepdim=True)).squeeze(-1)
+    valid = (inputs["labels"] != -100) & (inputs["mask"] != 0) if uses_labels(case) else torch.ones_like(hit)
+    unique = tops.sum(-1) == 1
+    count = valid.sum().item()
+    return (hit & unique & valid).sum().item() / count, (hit & valid).sum().item() / count
+
+
 def uses_labels(case: Case) -> bool:
     return case.divergence == "ce" or case.ce_weight > 0 or case.masked
 
@@ -192,6 +215,10 @@ def assert_matches_reference(case, per_rank: list[dict]) -> None:
         torch.testing.assert_close(torch.tensor(r["loss"], dtype=torch.float64), ref["loss"].detach(), rtol=1e-5, atol=1e-7)
         if uses_labels(case):
             torch.testing.assert_close(torch.tensor(r["ce"], dtype=torch.float64), ref["ce"], rtol=1e-5, atol=1e-7)
+    low, high = reference_top1(case, inputs)
+    for r in per_rank:
+        assert r["top1"] == per_rank[0]["top1"], "every TP rank must report the same top-1 agreement"
+    assert low - 1e-6 <= per_rank[0]["top1"] <= high + 1e-6, (per_rank[0]["top1"], low, high)
     scale = student.grad.abs().max().item()
     torch.testing.assert_close(grad, student.grad, rtol=1e-5, atol=1e-5 * scale)
     assert grad[:, case.vocab:].abs().max() == 0, "padded vocabulary entries must get no gradient"

@@ -61,13 +61,6 @@ class ConcatPacker:
         self.pending = len(rest)
 
 
-def concat(docs: Iterable[np.ndarray], seq_len: int, dtype: np.dtype) -> Iterator[Window]:
-    """Windows of the concat mode over documents that already end with EOS; the tail is dropped."""
-    packer = ConcatPacker(seq_len, dtype)
-    for doc in docs:
-        yield from packer.add(doc)
-
-
 def bestfit(docs: Iterable[np.ndarray], seq_len: int, eos_id: int, dtype: np.dtype) -> Iterator[Window]:
     """Windows of best-fit decreasing packing over documents that already end with EOS; padded with EOS.
 

@@ -2,7 +2,7 @@
 
 Every collective goes through `all_reduce`, which does nothing when there is no tensor-parallel
 group (or a group of one), so the single-process path pays for no communication at all. The
-vocabulary split follows DESIGN.md: TP rank r owns ids [r·Vl, (r+1)·Vl); ids at or above the real
+vocabulary split is contiguous, as megatron-core's: TP rank r owns ids [r·Vl, (r+1)·Vl); ids at or above the real
 vocabulary size are padding and are sliced away before any arithmetic, so they never carry mass.
 """
 from __future__ import annotations

@@ -8,6 +8,12 @@ into files of bounded size plus the index, into a temporary folder renamed into 
 
 Design choice: slices through `safe_open(...).get_slice`, so a TP rank of a large teacher touches
 only its own rows or columns; the cost is one small read per slice (fused QKV reads head by head).
+The writer streams: huggingface_hub's `save_torch_state_dict` wants the whole state dict in memory
+(a 70B model's is 140 GB in bf16 on one process), so we keep our own file writing, but the split,
+the file names and the index are huggingface_hub's (`split_torch_state_dict_into_shards`, planned
+over meta tensors at the end): the writer groups tensors by the same greedy rule as they arrive, and
+`finish` renames each file to the name the plan gives its tensors. The cost: the grouping rule is
+restated here, and `finish` refuses (a bug, not bad input) if the plan ever groups differently.
 """
 from __future__ import annotations
 
@@ -18,14 +24,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from huggingface_hub import constants, split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from pipeline.model.errors import CheckpointError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX_NAME = constants.SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
+SINGLE_NAME = constants.SAFETENSORS_SINGLE_FILE  # model.safetensors
 
 
 class SafetensorsFolder:
@@ -95,7 +102,9 @@ class SafetensorsFolder:
 
 
 class ShardedWriter:
-    """Writes named tensors into `model-0000i-of-0000n.safetensors` files of at most `max_bytes` each.
+    """Writes named tensors into files of at most `max_bytes` each (a larger tensor gets a file of its own),
+    named and indexed as huggingface_hub names them (`model.safetensors`, or `model-0000i-of-0000n.safetensors`
+    with `model.safetensors.index.json`).
 
     Files go to `<folder>.partial` until `finish`, which writes the index (when more than one file),
     and renames the folder into place; a crash leaves only the `.partial` folder, never a half checkpoint.
@@ -110,20 +119,28 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, Tensor] = {}
         self._pending_bytes = 0
-        self._written: list[tuple[Path, list[str], int]] = []
+        self._written: list[tuple[Path, list[str]]] = []
+        self._meta: dict[str, Tensor] = {}  # every tensor's shape and dtype, in arrival order, for the plan
 
     def add(self, name: str, tensor: Tensor) -> None:
+        """huggingface_hub's greedy rule, streamed: a tensor over `max_bytes` is written alone at once (the
+        open file stays open), else the open file is written first when this tensor would overflow it."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._meta[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         size = tensor.numel() * tensor.element_size()
+        if size > self.max_bytes:
+            self._write({name: tensor})
+            return
         if self._pending and self._pending_bytes + size > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+            self._write(self._pending)
+            self._pending, self._pending_bytes = {}, 0
+        self._pending[name] = tensor
         self._pending_bytes += size
 
-    def _flush(self) -> None:
+    def _write(self, tensors: dict[str, Tensor]) -> None:
         path = self.partial / f"part-{len(self._written):05d}.safetensors"
-        save_file(self._pending, str(path), metadata=self.metadata)
-        self._written.append((path, list(self._pending), self._pending_bytes))
-        self._pending, self._pending_bytes = {}, 0
+        save_file(tensors, str(path), metadata=self.metadata)
+        self._written.append((path, list(tensors)))
 
     def extra_file(self, name: str) -> Path:
         """Where to put another file (config, tokenizer) so that it lands with the checkpoint."""
@@ -131,7 +148,7 @@ class ShardedWriter:
 
     def finish(self) -> Path:
         if self._pending or not self._written:
-            self._flush()
+            self._write(self._pending)
         self._name_files()
         if self.folder.exists():
             shutil.rmtree(self.folder)
@@ -139,15 +156,16 @@ class ShardedWriter:
         return self.folder
 
     def _name_files(self) -> None:
-        count = len(self._written)
-        if count == 1:
+        if not self._meta:  # no tensors: one empty file
             self._written[0][0].rename(self.partial / SINGLE_NAME)
             return
-        weight_map, total = {}, 0
-        for i, (path, names, size) in enumerate(self._written):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        plan = split_torch_state_dict_into_shards(self._meta, max_shard_size=self.max_bytes)
+        for path, names in self._written:
+            final = plan.tensor_to_filename[names[0]]
+            if sorted(plan.filename_to_tensors[final]) != sorted(names):
+                raise RuntimeError(f"{self.partial}: huggingface_hub groups {final} differently from the writer "
+                                   f"({sorted(plan.filename_to_tensors[final])[:3]}... against {sorted(names)[:3]}...)")
             path.rename(self.partial / final)
-            total += size
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if plan.is_sharded:
+            index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+            (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -5,9 +5,10 @@ layers, the vocabulary facts a distillation run depends on (model vocabulary, pa
 the tokenizer's own size and end-of-document id when a tokenizer sits in the folder) and which TP
 sizes the model splits over. No weight is read, so it answers at once even for a 70B teacher.
 
-Design choice: counts come from the safetensors headers, not from the config, so a folder whose
-files disagree with its config.json shows both numbers; the cost is that only safetensors folders
-(Hugging Face or the TP format) can be inspected.
+Design choice: a Hugging Face folder's counts come from the safetensors headers, not from the config,
+and when they differ from what its config.json describes a WARNING line shows both numbers (a TP
+checkpoint's rank files repeat replicated tensors, so its count is the model's, from its layout); the
+cost is that only safetensors folders (Hugging Face or the TP format) can be inspected.
 """
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ def describe(path: str | Path) -> str:
         shapes = hf_shapes(cfg)
         total = sum(math.prod(shape) for shape in shapes.values())
         embedding = sum(math.prod(shape) for name, shape in shapes.items() if "embed" in name or "lm_head" in name)
+    warnings = []
+    if layout is None and total != (described := sum(math.prod(shape) for shape in hf_shapes(cfg).values())):
+        warnings.append(f"WARNING          the files hold {total:,} parameters but config.json describes "
+                        f"{described:,}")
     rope = cfg.rope_scaling if cfg.rope_scaling == "none" else f"{cfg.rope_scaling} ×{cfg.rope_factor:g}"
     lines = [
         f"{path}: {kind}",
@@ -99,4 +104,4 @@ def describe(path: str | Path) -> str:
             f"{tp}: {pad_vocab_size(cfg.vocab_size, tp)}" for tp in TP_SIZES) + " (vocab_multiple 128)",
         _split_line(cfg),
     ]
-    return "\n".join(lines + _tokenizer_lines(path, cfg)) + "\n"
+    return "\n".join(lines + warnings + _tokenizer_lines(path, cfg)) + "\n"

@@ -1,6 +1,6 @@
 """Sparse teacher targets from vocab-parallel logits, without ever gathering the vocabulary.
 
-Each TP rank holds the logits of its vocabulary slice `[N, Vl]` (DESIGN.md's contiguous split; ids at
+Each TP rank holds the logits of its vocabulary slice `[N, Vl]` (the contiguous split of losses/shard.py; ids at
 or above the real vocabulary are padding and are sliced away first). Two kinds of target:
 
 - `topk_targets`: every rank takes its local top-K, the `tp·K` candidates are all-gathered and merged

@@ -8,8 +8,8 @@ run_dir/deepspeed.json so a run says exactly what DeepSpeed was given.
 Design choice: the schedule is ours (linear warmup from lr/warmup to lr, cosine to min_lr at the last
 step), passed to DeepSpeed as a `LambdaLR` factory rather than its `WarmupCosineLR`, whose first step
 runs at lr 0. DeepSpeed still owns it: it steps it after every applied optimizer step (not after a
-skipped, non-finite one) and saves it in its checkpoints. The cost: the schedule is not in the JSON;
-deepspeed.json records it under a comment key.
+skipped, non-finite one) and saves it in its checkpoints. The cost: deepspeed.json does not show the
+schedule; it is read from config.yaml beside it (optim.lr, optim.min_lr, optim.warmup_steps, schedule.steps).
 """
 from __future__ import annotations
 

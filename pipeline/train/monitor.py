@@ -23,9 +23,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Self
-
-import torch
 
 from tokenization.format import write_atomic
 
@@ -82,6 +79,8 @@ def format_eval_line(step: int, scalars: dict[str, float]) -> str:
 
 def memory_gib(device) -> float:
     """Peak memory in GiB: CUDA's max allocated on a CUDA device, else this process's peak RSS."""
+    import torch  # here, not at the top: the quickstart's report and so `distill --help` import this module
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -206,7 +205,7 @@ class Monitor:
             self._jsonl.close()
             self._jsonl = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -175,9 +175,8 @@ def test_tp2_random_build_equals_tp1_for_one_seed(name, tp2, checkpoints):
     assert double["padding"] == 0 and single["padding"] == 0
     assert set(double["tensors"]) == set(single["tensors"])
     differing = [k for k, t in single["tensors"].items() if not torch.equal(double["tensors"][k], t)]
-    # Known failure for "default" (see the module docstring of builder.py, which promises equality):
-    # megatron draws the embedding's full padded matrix first, so a different padded vocabulary
-    # (384 at TP=1, 512 at TP=2) shifts the random stream of every later weight.
+    # "default" pads the vocabulary differently (384 at TP=1, 512 at TP=2); init.py seeds each weight by its
+    # name and draws the real rows alike at every TP size, so the builds must still be equal (builder.py).
     assert torch.equal(double["tensors"]["model.embed_tokens.weight"], single["tensors"]["model.embed_tokens.weight"])
     assert not differing, (f"{len(differing)} tensors differ between TP=2 and TP=1 builds, e.g. {differing[:3]}; "
                            f"padded vocab {single['padded_vocab']} at TP=1, {double['padded_vocab']} at TP=2")

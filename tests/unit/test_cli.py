@@ -25,7 +25,7 @@ def test_console_script_prints_the_resolved_config_with_the_override():
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
     assert resolved["loss"]["divergence"] == "js"
-    assert resolved["seed"] == 1234 and resolved["parallel"]["tp"] == 1
+    assert resolved["parallel"]["tp"] == 1 and resolved["loss"]["temperature"] == 1.0
 
 
 def test_console_script_bad_key_exits_2_with_the_message_and_no_traceback():
@@ -35,6 +35,17 @@ def test_console_script_bad_key_exits_2_with_the_message_and_no_traceback():
     assert done.stderr.startswith("distill: error: command line: loss.temprature: unknown key (got 2.0 (float));")
     assert "did you mean 'temperature'?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_help_and_config_import_no_torch():
+    """cli.py's promise: `distill --help` and config checks come back without importing torch (seconds)."""
+    probe = ("import sys\nfrom pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             f"main(['config', '--config', '{EXAMPLE}'])\n"
+             "heavy = [m for m in ('torch', 'deepspeed', 'megatron', 'transformers') if m in sys.modules]\n"
+             "sys.exit(f'imported {heavy}' if heavy else 0)\n")
+    done = run(sys.executable, "-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert "usage: distill" in done.stdout and "loss:" in done.stdout
 
 
 def test_python_dash_m_pipeline_runs_the_same_command():

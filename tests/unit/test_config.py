@@ -7,8 +7,9 @@ from typing import Literal, Optional, get_args
 
 import pytest
 
-from pipeline.config import (ConfigError, DivergenceName, LossConfig, ParallelConfig, RunConfig, config_reference,
-                             config_to_dict, dump_yaml, from_dict, in_range, load_config, positive, section, setting)
+from pipeline.config import (ConfigError, DivergenceName, LossConfig, ParallelConfig, RunConfig, TrainConfig,
+                             config_reference, config_to_dict, dump_yaml, from_dict, in_range, load_config, positive,
+                             section, setting)
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,9 @@ def test_every_default_passes_its_own_checks():
 
 def test_overrides_change_values_with_yaml_scalar_types():
     cfg = load_config(RunConfig, overrides=["loss.temperature=2.0", "parallel.tp=2", "loss.divergence=js",
-                                            "seed=7", "loss.chunk_size=4096"])
+                                            "loss.chunk_size=4096"])
     assert (cfg.loss.temperature, cfg.parallel.tp, cfg.loss.divergence) == (2.0, 2, "js")
-    assert (cfg.seed, cfg.loss.chunk_size) == (7, 4096)
+    assert cfg.loss.chunk_size == 4096
 
 
 def test_an_int_is_accepted_as_a_float_and_stored_as_float():
@@ -155,10 +156,15 @@ def test_no_silent_conversions(override, expected):
     ("loss.chunk_size=0", "loss.chunk_size: expected > 0, got 0"),
     ("parallel.tp=0", "parallel.tp: expected >= 1, got 0"),
     ("parallel.timeout_minutes=0", "parallel.timeout_minutes: expected > 0, got 0"),
-    ("seed=-1", "seed: expected >= 0, got -1"),
 ])
 def test_out_of_range_values_name_the_range(override, expected):
     assert error_of(RunConfig, overrides=[override]) == "command line: " + expected
+
+
+def test_top_level_settings_are_checked_and_are_not_sections():
+    assert error_of(TrainConfig, overrides=["seed=-1"]) == "command line: seed: expected >= 0, got -1"
+    assert error_of(TrainConfig, overrides=["seed.value=2"]) == \
+        "command line: seed.value: 'seed' is a setting, not a section"
 
 
 def test_ends_of_closed_ranges_are_accepted():
@@ -216,7 +222,7 @@ def test_unknown_top_level_key_in_a_file_suggests_the_section(tmp_path):
     path = write(tmp_path, "los:\n  temperature: 2.0\n")
     message = error_of(RunConfig, path)
     assert message.startswith(f"{path}: los: unknown key (got {{'temperature': 2.0}} (dict)); valid keys of the top "
-                              "level: seed, parallel, loss")
+                              "level: parallel, loss")
     assert message.endswith("did you mean 'loss'?")
 
 
@@ -224,9 +230,8 @@ def test_unknown_top_level_key_in_a_file_suggests_the_section(tmp_path):
     ("loss.temperature", "malformed override 'loss.temperature': expected section.key=value"),
     ("loss..temperature=2", "malformed override 'loss..temperature=2': expected section.key=value"),
     ("=2", "malformed override '=2': expected section.key=value"),
-    ("los.temperature=2", "los: unknown section; valid keys of the top level: seed, parallel, loss; "
+    ("los.temperature=2", "los: unknown section; valid keys of the top level: parallel, loss; "
                           "did you mean 'loss'?"),
-    ("seed.value=2", "seed.value: 'seed' is a setting, not a section"),
     ("loss.temperature=[1", "loss.temperature: cannot parse '[1' as a YAML value: expected ',' or ']', "
                             "but got '<stream end>' (line 1, column 3)"),
 ])
@@ -278,7 +283,7 @@ def test_sections_must_be_frozen_dataclasses():
 
 def test_dump_yaml_round_trips_a_changed_config(tmp_path):
     cfg = load_config(RunConfig, overrides=["loss.divergence=skew_rkl", "loss.alpha=0.25", "loss.chunk_size=64",
-                                            "parallel.backend=gloo", "seed=0"])
+                                            "parallel.backend=gloo"])
     assert load_config(RunConfig, write(tmp_path, dump_yaml(cfg))) == cfg
 
 

@@ -101,6 +101,24 @@ def test_inspect_reports_the_facts_a_user_needs(llama, capsys):
     assert "splits over tp   1, 2, 4 (CUDA only)" in out
 
 
+def test_inspect_shows_both_counts_when_files_and_config_disagree(llama, tmp_path, capsys):
+    import shutil
+
+    folder, reference = llama
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(copy)]) == 0
+    total = sum(p.numel() for p in reference.parameters())
+    extra = 3 * 8 * config["hidden_size"] * config["num_hidden_layers"]  # gate, up and down grow by 8 rows/columns
+    assert (f"WARNING          the files hold {total:,} parameters but config.json describes {total + extra:,}"
+            in capsys.readouterr().out)
+    assert main(["inspect", str(folder)]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_inspect_of_a_folder_without_a_checkpoint_exits_2(tmp_path):
     done = subprocess.run([str(DISTILL), "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

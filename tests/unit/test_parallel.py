@@ -44,7 +44,7 @@ def test_plain_python_gives_a_world_of_one(ctx):
 
     assert (ctx.world_size, ctx.rank, ctx.local_rank) == (1, 0, 0)
     assert (ctx.tp_size, ctx.tp_rank, ctx.dp_size, ctx.dp_rank) == (1, 0, 1, 0)
-    assert ctx.is_main and ctx.backend == "gloo" and ctx.device == torch.device("cpu")
+    assert ctx.backend == "gloo" and ctx.device == torch.device("cpu")
     assert dist.get_process_group_ranks(ctx.tp_group) == [0] == dist.get_process_group_ranks(ctx.dp_group)
     assert ctx.tp_group is ps.get_tensor_model_parallel_group()
     assert ctx.dp_group is ps.get_data_parallel_group()

@@ -77,7 +77,7 @@ def test_choice_of_students(tmp_path):
 
 def test_smoke_overrides_resolve():
     cfg = _config(*SMOKE)
-    assert cfg.student_run.steps < 20 and cfg.corpus.vocab_size < 1000
+    assert cfg.student_run.steps < 100 and cfg.corpus.vocab_size < 1000
 
 
 def test_missing_corpus_file_names_the_key(tmp_path):

@@ -89,7 +89,8 @@ def test_count_mismatch_duplicate_key_and_undecodable_sample(shards):
 
 def test_unreadable_manifest_is_one_problem_and_missing_folder_exits_2(shards, tmp_path, capsys):
     (shards / "manifest.json").write_text("{")
-    assert verify_shards(shards) == [f"{shards / 'manifest.json'}: not valid JSON " +
-                                     verify_shards(shards)[0].split("not valid JSON ")[1]]
+    with pytest.raises(json.JSONDecodeError) as parsed:
+        json.loads("{")
+    assert verify_shards(shards) == [f"{shards / 'manifest.json'}: not valid JSON ({parsed.value})"]
     assert main(["verify-shards", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("distill: error: ")
