@@ -2,8 +2,8 @@
 
 A cache sample holds one member, `topk.bin` or `sampled.bin`, the codec's record of the sample's
 target positions (position t is the teacher's distribution for the token at t+1, computed from
-positions ≤ t: the trainer's shift, whose labels are the tokens moved left by one). Only positions whose label is a real token get a
-target: t + 1 < end, `end` the token sample's last `segments` entry, so a record holds `end − 1`
+positions ≤ t: the trainer's shift, whose labels are the tokens moved left by one). Only positions
+whose label is a real token get a target: t + 1 < end, `end` the token sample's last `segments` entry, so a record holds `end − 1`
 positions, `seq_len` for every sample but a bestfit one that was padded (`target_positions`). The
 manifest's `extra["targets"]` says which codec and with which parameters (`positions_per_sample` is
 the most a record holds), so a reader needs nothing but the manifest and the token sample's
