@@ -1,10 +1,21 @@
-"""Shared pytest fixtures: a one-process gloo group that is always torn down."""
+"""Shared pytest fixtures: a one-process gloo group that is always torn down.
+
+Under pytest-xdist (`make test` runs two workers) each worker keeps torch to one thread, and so do the
+processes it starts (OMP_NUM_THREADS), so that workers share the cores instead of oversubscribing them.
+"""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.harness import free_port
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
