@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tokenize(commands) -> None:
+    from tokenization.readers import DEFAULT_SPLIT_BYTES  # standard library only: --help stays fast
+
     tokenize = commands.add_parser("tokenize", help="turn raw text into token shards, or fit a BPE tokenizer",
                                    description="Train a byte-level BPE tokenizer, or tokenize and pack raw text "
                                                "into webdataset token shards with a manifest.")
@@ -99,9 +101,11 @@ def _add_tokenize(commands) -> None:
     shard = steps.add_parser(
         "shard", help="tokenize and pack text into token shards",
         description="Tokenize the documents of the input files, pack them into windows of seq_len + 1 tokens "
-                    "and write webdataset .tar shards plus manifest.json. Files are processed in parallel, one "
-                    "per worker; rerunning the same command after a crash finishes only the unfinished files "
-                    "and yields the same shards and manifest as an uninterrupted run.")
+                    "and write webdataset .tar shards plus manifest.json. The input is cut into parts (a file, or a "
+                    "--split-bytes range of a large plain .jsonl) processed in parallel, one per worker; the "
+                    "output does not depend on the worker count, and rerunning the same command after a crash "
+                    "finishes only the unfinished parts and yields the same shards and manifest as an "
+                    "uninterrupted run. An input without text is an error.")
     _add_input_options(shard)
     shard.add_argument("--tokenizer", required=True, metavar="PATH",
                        help="a tokenizer.json file or a Hugging Face tokenizer folder holding one")
@@ -109,22 +113,30 @@ def _add_tokenize(commands) -> None:
     shard.add_argument("--seq-len", type=int, required=True, metavar="N",
                        help="sequence length; each sample stores N + 1 token ids")
     shard.add_argument("--packing", choices=("concat", "bestfit"), default="concat",
-                       help="concat: documents joined with EOS and cut into windows, each file's tail dropped; "
+                       help="concat: documents joined with EOS and cut into windows, each part's tail dropped; "
                             "bestfit: best-fit decreasing, documents split only when longer than a window, "
                             "windows padded with EOS (default: concat)")
     shard.add_argument("--eos-token", default="<|endoftext|>", metavar="TOKEN",
                        help="token appended to every document (default: <|endoftext|>)")
     shard.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="processes working on input files in parallel (default: 1)")
+                       help="processes working on parts in parallel (default: 1)")
+    shard.add_argument("--split-bytes", type=int, default=DEFAULT_SPLIT_BYTES, metavar="BYTES",
+                       help="cut a plain .jsonl file larger than this into parts of this many bytes, each owning "
+                            "the lines that start in it, so workers and array tasks share one large file; "
+                            ".txt, .jsonl.gz, .jsonl.zst and .parquet files are one part each (a compressed "
+                            "stream cannot be entered in the middle); 0: one part per file. Part of the "
+                            "settings: a rerun in the same folder must use the same value "
+                            f"(default: {DEFAULT_SPLIT_BYTES} = 256 MiB)")
     shard.add_argument("--shard-max-bytes", type=int, default=1 << 30, metavar="BYTES",
                        help="start a new shard once one holds this many bytes (default: 1 GiB)")
     shard.add_argument("--shard-max-samples", type=int, default=100_000, metavar="N",
                        help="start a new shard once one holds this many samples (default: 100000)")
     shard.add_argument("--files", metavar="START:STOP|array", type=parse_range,
-                       help="only the (sorted, expanded) input files START ≤ i < STOP, or 'array': this Slurm "
-                            "array task's share of them; tasks may share --out. STOP is clipped to the file count, "
-                            "an empty range does nothing; the manifest is written by whichever run finds every "
-                            "file done")
+                       help="only the parts START ≤ i < STOP (the sorted, expanded input files, each large plain "
+                            ".jsonl counted as its --split-bytes parts; with no file split, part i is file i), or "
+                            "'array': this Slurm array task's share of them; tasks may share --out. STOP is "
+                            "clipped to the part count, an empty range does nothing; the manifest is written by "
+                            "whichever run finds every part done")
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
     shard.set_defaults(handler=_shard)
 
@@ -150,14 +162,13 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 def _shard(args: argparse.Namespace) -> None:
     from tokenization.errors import TokenizationError
-    from tokenization.readers import expand_inputs
-    from tokenization.shards import missing_files, shard_corpus
+    from tokenization.shards import corpus_parts, missing_parts, shard_corpus
 
-    count = len(expand_inputs(args.input))
-    files = args.files
-    if files == ARRAY:
+    count = len(corpus_parts(args.input, args.split_bytes)[2])
+    parts = args.files
+    if parts == ARRAY:
         try:
-            files = array_slice(count)
+            parts = array_slice(count)
         except ValueError as err:
             raise TokenizationError(f"--files: {err}") from None
     # the manifest records the command without --files: it describes the whole folder, whichever job array
@@ -165,20 +176,20 @@ def _shard(args: argparse.Namespace) -> None:
     manifest = shard_corpus(args.input, args.tokenizer, args.out, seq_len=args.seq_len, packing=args.packing,
                             text_field=args.text_field, txt_mode=args.txt_mode, eos_token=args.eos_token,
                             workers=args.workers, shard_max_bytes=args.shard_max_bytes,
-                            shard_max_samples=args.shard_max_samples,
+                            shard_max_samples=args.shard_max_samples, split_bytes=args.split_bytes,
                             command=shlex.join(["distill", *_without_option(args.argv, "--files")]),
-                            progress=not args.no_progress, file_range=files)
+                            progress=not args.no_progress, part_range=parts)
     if manifest is not None:
         print(f"wrote {len(manifest.shards)} shards, {manifest.total_samples} samples, "
               f"{manifest.total_tokens} tokens to {args.out}")
         return
-    start, stop = files[0], min(files[1], count)
+    start, stop = parts[0], min(parts[1], count)
     if stop > start:
-        done = f"tokenized file{'s' if stop - start > 1 else ''} {start}{f'-{stop - 1}' if stop - start > 1 else ''} " \
+        done = f"tokenized part{'s' if stop - start > 1 else ''} {start}{f'-{stop - 1}' if stop - start > 1 else ''} " \
                f"of {count}"
     else:
-        done = f"no input files in range {files[0]}:{files[1]} ({count} files)"
-    print(f"{done}; {missing_files(args.out, count)} files still missing in {args.out}, the manifest is written "
+        done = f"no parts in range {parts[0]}:{parts[1]} ({count} parts)"
+    print(f"{done}; {missing_parts(args.out, count)} parts still missing in {args.out}, the manifest is written "
           f"by the run that completes the last one")
 
 
