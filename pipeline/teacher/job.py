@@ -2,9 +2,12 @@
 
 Every process of `world = dp × tp` loads its TP slice of the teacher. The shards still missing (no done
 record) are dealt out to the dp replicas round robin; the tp ranks of a replica read the same samples,
-run the teacher, and compute the targets together from their vocabulary slices; the replica's tp rank 0
-encodes and writes. Samples' keys are the token shard's keys, in the same order. When every shard has
-its record, the manifest is written and the folder becomes a cache the student's reader accepts.
+run the teacher, and compute the targets together from their vocabulary slices (collectives, so every tp
+rank holds the same targets); only the replica's tp rank 0 then encodes and writes them, the other tp
+ranks go on to the next micro-batch. The summary's `samples_encoded` counts this process's encodes (tp
+rank 0: its replica's samples; other tp ranks: 0). Samples' keys are the token shard's keys, in the same
+order. When every shard has its record, the manifest is written and the folder becomes a cache the
+student's reader accepts.
 
 Design choice: shards, not samples, are the unit of work and of restart: a shard is done or it is not,
 so a killed job loses at most one shard per replica and its rerun writes byte-identical shards. The
@@ -96,6 +99,7 @@ class CacheJob:
         self.teacher = self._load_teacher()
         self.record = targets_record(cfg.targets, self.teacher.vocab_size, self.tokens.manifest.seq_len)
         self.codec = codec_of(self.record)
+        self.samples_encoded = 0  # this process's codec encodes: only a replica's writing rank makes any
         self.job = {"teacher": self.teacher.identity, "tokens": self.tokens.fingerprint(), "targets": self.record,
                     "seed": cfg.seed if cfg.targets.mode == "sampled" else None,
                     "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
@@ -178,9 +182,11 @@ class CacheJob:
         logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
         keys = [raw["__key__"] for raw in raws]
         self._check_finite(logits, keys, where)
-        for key, payload, floor_bits in self._encode(logits, keys):
-            if writer is not None:
-                writer.write(key, self.record["member"], payload, positions=manifest.seq_len, floor_bits=floor_bits)
+        targets = self._targets(logits, keys)  # collective over the tp group: every tp rank takes part
+        if writer is None:
+            return  # not this replica's writer: nothing to encode
+        for key, payload, floor_bits in self._encode(targets, keys):
+            writer.write(key, self.record["member"], payload, positions=manifest.seq_len, floor_bits=floor_bits)
 
     def _check_finite(self, logits: torch.Tensor, keys: list[str], where: str) -> None:
         bad = (~torch.isfinite(logits.amax(dim=-1))).any(dim=1).int()  # max propagates NaN and +inf: one read pass
@@ -191,29 +197,33 @@ class CacheJob:
             raise CacheError(f"{where}: the teacher's logits for sample {key!r} are NaN or infinite; nothing was "
                              f"written for this shard. Check the teacher's weights and compute.dtype")
 
-    def _encode(self, logits: torch.Tensor, keys: list[str]):
-        """(key, codec record, information floor in bits) per sample of a batch's logits [B, S, Vl]."""
+    def _targets(self, logits: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, ...]:
+        """A batch's sparse targets from its logits [B, S, Vl], rows [B·S]: (ids, logprobs, log_rest) for
+        top-K, (ids, counts) for sampled; identical on every rank of the tp group."""
         targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
-        batch, positions = logits.shape[:2]
-        flat = logits.reshape(batch * positions, -1)
+        flat = logits.reshape(logits.shape[0] * logits.shape[1], -1)
         if targets.mode == "topk":
-            found = topk_targets(flat, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
-            ids, logprobs, log_rest = (t.cpu().numpy() for t in found)
-            for row, key in enumerate(keys):
-                part = slice(row * positions, (row + 1) * positions)
-                payload = self.codec.encode(ids[part], logprobs[part], log_rest[part])
-                yield key, payload, self.codec.floor_bits() * positions
-            return
+            return topk_targets(flat, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
+        positions = logits.shape[1]
         uniforms = torch.cat([key_uniforms(self.cfg.seed, key, positions, targets.draws) for key in keys])
-        ids, counts = sampled_targets(flat, uniforms.to(logits.device), temperature=targets.temperature,
-                                      vocab_size=vocab, group=group)
-        ids, counts = ids.cpu().numpy(), counts.cpu().numpy()
+        return sampled_targets(flat, uniforms.to(logits.device), temperature=targets.temperature,
+                               vocab_size=vocab, group=group)
+
+    def _encode(self, targets: tuple[torch.Tensor, ...], keys: list[str]):
+        """(key, codec record, information floor in bits) per sample of a batch's targets (rows [B·S])."""
+        arrays = [t.cpu().numpy() for t in targets]
+        positions = arrays[0].shape[0] // len(keys)
         for row, key in enumerate(keys):
             part = slice(row * positions, (row + 1) * positions)
-            unique = (ids[part] >= 0).sum(axis=1)
+            self.samples_encoded += 1
+            if self.cfg.targets.mode == "topk":
+                ids, logprobs, log_rest = (a[part] for a in arrays)
+                yield key, self.codec.encode(ids, logprobs, log_rest), self.codec.floor_bits() * positions
+                continue
+            ids, counts = (a[part] for a in arrays)
+            unique = (ids >= 0).sum(axis=1)
             width = max(1, int(unique.max()))
-            payload = self.codec.encode(ids[part, :width], counts[part, :width])
-            yield key, payload, float(self.codec.floor_bits(unique).sum())
+            yield key, self.codec.encode(ids[:, :width], counts[:, :width]), float(self.codec.floor_bits(unique).sum())
 
     # ---- the end
 
@@ -240,4 +250,4 @@ class CacheJob:
                 "shards_written": int(shards), "tokens": int(positions), "seconds": seconds,
                 "tokens_per_s": positions / seconds if seconds > 0 else 0.0,
                 "bytes_per_token": stored / positions if positions else 0.0, "complete": manifest is not None,
-                "output": self.cfg.output}
+                "output": self.cfg.output, "samples_encoded": self.samples_encoded}
