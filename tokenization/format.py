@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,35 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def create_once(path: str | os.PathLike, data: bytes) -> bool:
+    """Create `path` whole with `data` unless it exists; False if another process created it first.
+
+    The file is written under a private name, then hard-linked into place: the link fails if the name exists,
+    so concurrent runs (a job array's tasks) cannot both think they recorded their job. Where hard links are
+    unsupported, falls back to an atomic replace (the last writer wins; concurrent runs with different
+    settings are then not caught).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError:  # no hard links on this file system
+        os.replace(tmp, path)
+        created = True
+    finally:
+        tmp.unlink(missing_ok=True)
+    if created:
+        fsync_dir(path.parent)
+    return created
 
 
 def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:

@@ -251,35 +251,8 @@ def _check_job(out_dir: Path, job: ShardJob) -> None:
             raise TokenizationError(f"{out_dir}: holds shards made with other settings ({', '.join(differ)} differ"
                                     f"{changed}); use a fresh output folder or the same settings and inputs")
         return
-    if not _create_once(recorded, wanted.encode()):
+    if not fmt.create_once(recorded, wanted.encode()):
         _check_job(out_dir, job)  # another run (a job array's task) recorded its job first: compare with it
-
-
-def _create_once(path: Path, data: bytes) -> bool:
-    """Create `path` whole with `data` unless it exists; False if another process created it first.
-
-    The file is written under a private name, then hard-linked into place: the link fails if the name exists,
-    so concurrent runs cannot both think they recorded the job. Where hard links are unsupported, falls back
-    to an atomic replace (the last writer wins; concurrent runs with different settings are then not caught).
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-        created = True
-    except FileExistsError:
-        created = False
-    except OSError:  # no hard links on this file system
-        os.replace(tmp, path)
-        created = True
-    finally:
-        tmp.unlink(missing_ok=True)
-    if created:
-        fmt.fsync_dir(path.parent)
-    return created
 
 
 def missing_parts(out_dir: str | Path, count: int) -> int:

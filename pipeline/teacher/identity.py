@@ -3,9 +3,12 @@ keep one output folder for one job.
 
 A cache folder is bound to one job the first time it is used: `_progress/job.json` records the teacher
 (its model config and the sha256 of its weight files), the token shards' fingerprint, the target
-settings, the seed and the compute settings that change the logits (dtype, document masking). A rerun
-with the same record completes the missing shards; any difference is refused before anything is
-written, naming the fields that differ. The teacher's tokenizer, when its folder has one, must be the
+settings, the seed and the compute settings that change the logits (dtype, document masking). The
+record is created once, never replaced: of concurrent tasks on one folder (a job array's), the first
+to record its job wins and every other is compared with it (where the file system has hard links; see
+`tokenization.format.create_once`). A rerun or another task with the same
+record completes the missing shards; any difference is refused before anything is written, naming the
+fields that differ. The teacher's tokenizer, when its folder has one, must be the
 token shards' tokenizer.
 
 Design choice: the weights are identified by hashing every weight file in full, so a retrained teacher
@@ -21,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.teacher.errors import CacheError
-from tokenization.format import Manifest, write_atomic
+from tokenization.format import Manifest, create_once
 
 PROGRESS_DIR = "_progress"
 JOB_FILE = "job.json"
@@ -67,26 +70,33 @@ def check_vocabulary(teacher_vocab: int, tokens: Manifest, where: str) -> None:
 
 
 def bind_output(output: str | Path, record: dict) -> None:
-    """Record the job in a fresh output folder, or check a used folder was made by the same job."""
+    """Record the job in a fresh output folder, or check a used folder was made by the same job.
+
+    The record is created once (`tokenization.format.create_once`): of concurrent tasks starting on one
+    fresh folder (a job array's), exactly one records its job and every other compares with it."""
     folder = Path(output)
-    progress = folder / PROGRESS_DIR
-    recorded = progress / JOB_FILE
-    if recorded.exists():
-        try:
-            earlier = json.loads(recorded.read_text())
-        except json.JSONDecodeError as err:
-            raise CacheError(f"{recorded}: not valid JSON ({err}); remove the folder or choose another") from None
-        differ = sorted(set(_flatten(earlier).items()) ^ set(_flatten(record).items()))
-        if differ:
-            names = sorted({name for name, _ in differ})
-            raise CacheError(f"{folder}: holds a cache made by a different teacher or settings ({', '.join(names)} "
-                             f"differ); nothing was overwritten. Use a fresh output folder or the same job")
-        return
-    if folder.exists() and any(p.name != PROGRESS_DIR for p in folder.iterdir()):
-        raise CacheError(f"{folder}: exists and is not a cache folder of this pipeline (no {PROGRESS_DIR}/"
-                         f"{JOB_FILE}); refusing to write into it")
-    progress.mkdir(parents=True, exist_ok=True)
-    write_atomic(recorded, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    recorded = folder / PROGRESS_DIR / JOB_FILE
+    if not recorded.exists():
+        # checked again after listing: a concurrent task records its job before it writes anything else
+        if folder.exists() and any(p.name != PROGRESS_DIR for p in folder.iterdir()) and not recorded.exists():
+            raise CacheError(f"{folder}: exists and is not a cache folder of this pipeline (no {PROGRESS_DIR}/"
+                             f"{JOB_FILE}); refusing to write into it")
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        if create_once(recorded, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()):
+            return
+    _check_same_job(folder, recorded, record)
+
+
+def _check_same_job(folder: Path, recorded: Path, record: dict) -> None:
+    try:
+        earlier = json.loads(recorded.read_text())
+    except json.JSONDecodeError as err:
+        raise CacheError(f"{recorded}: not valid JSON ({err}); remove the folder or choose another") from None
+    differ = sorted(set(_flatten(earlier).items()) ^ set(_flatten(record).items()))
+    if differ:
+        names = sorted({name for name, _ in differ})
+        raise CacheError(f"{folder}: holds a cache made by a different teacher or settings ({', '.join(names)} "
+                         f"differ); nothing was overwritten. Use a fresh output folder or the same job")
 
 
 def _flatten(value, prefix: str = "") -> dict:

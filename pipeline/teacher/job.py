@@ -2,9 +2,12 @@
 
 Every process of `world = dp × tp` loads its TP slice of the teacher. The shards still missing (no done
 record) are dealt out to the dp replicas round robin; the tp ranks of a replica read the same samples,
-run the teacher, and compute the targets together from their vocabulary slices; the replica's tp rank 0
-encodes and writes. Samples' keys are the token shard's keys, in the same order. When every shard has
-its record, the manifest is written and the folder becomes a cache the student's reader accepts.
+run the teacher, and compute the targets together from their vocabulary slices (collectives, so every tp
+rank holds the same targets); only the replica's tp rank 0 then encodes and writes them, the other tp
+ranks go on to the next micro-batch. The summary's `samples_encoded` counts this process's encodes (tp
+rank 0: its replica's samples; other tp ranks: 0). Samples' keys are the token shard's keys, in the same
+order. When every shard has its record, the manifest is written and the folder becomes a cache the
+student's reader accepts.
 
 Design choice: shards, not samples, are the unit of work and of restart: a shard is done or it is not,
 so a killed job loses at most one shard per replica and its rerun writes byte-identical shards. The
@@ -96,6 +99,7 @@ class CacheJob:
         self.teacher = self._load_teacher()
         self.record = targets_record(cfg.targets, self.teacher.vocab_size, self.tokens.manifest.seq_len)
         self.codec = codec_of(self.record)
+        self.samples_encoded = 0  # this process's codec encodes: only a replica's writing rank makes any
         self.job = {"teacher": self.teacher.identity, "tokens": self.tokens.fingerprint(), "targets": self.record,
                     "seed": cfg.seed if cfg.targets.mode == "sampled" else None,
                     "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
@@ -178,9 +182,10 @@ class CacheJob:
         logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
         keys = [raw["__key__"] for raw in raws]
         self._check_finite(logits, keys, where)
-        for key, payload, positions, floor_bits in self._encode(logits, keys, target_positions(segments)):
-            if writer is not None:
-                writer.write(key, self.record["member"], payload, positions=positions, floor_bits=floor_bits)
+        for key, count, targets in self._targets(logits, keys, target_positions(segments)):
+            if writer is not None:  # only the replica's writer encodes; the other tp ranks only take part above
+                payload, floor_bits = self._encode(targets, count)
+                writer.write(key, self.record["member"], payload, positions=count, floor_bits=floor_bits)
 
     def _check_finite(self, logits: torch.Tensor, keys: list[str], where: str) -> None:
         bad = (~torch.isfinite(logits.amax(dim=-1))).any(dim=1).int()  # max propagates NaN and +inf: one read pass
@@ -191,28 +196,33 @@ class CacheJob:
             raise CacheError(f"{where}: the teacher's logits for sample {key!r} are NaN or infinite; nothing was "
                              f"written for this shard. Check the teacher's weights and compute.dtype")
 
-    def _encode(self, logits: torch.Tensor, keys: list[str], counts):
-        """(key, codec record, target positions, information floor in bits) per sample of a batch's logits
-        [B, S, Vl]; sample b gets targets at its first counts[b] positions only (format.target_positions)."""
+    def _targets(self, logits: torch.Tensor, keys: list[str], counts):
+        """(key, target positions, sparse targets) per sample of a batch's logits [B, S, Vl]: (ids, logprobs,
+        log_rest) for top-K, (ids, counts) for sampled, at the sample's first counts[b] positions only
+        (format.target_positions). A collective over the tp group: every tp rank iterates every sample."""
         targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
         for row, key in enumerate(keys):
             count = int(counts[row])
             real = logits[row, :count]  # a view: padding positions get no target and cost nothing
             if targets.mode == "topk":
-                found = topk_targets(real, k=targets.k, temperature=targets.temperature, vocab_size=vocab,
-                                     group=group)
-                ids, logprobs, log_rest = (t.cpu().numpy() for t in found)
-                yield key, encode_record(self.codec, count, ids, logprobs, log_rest), count, \
-                    self.codec.floor_bits() * count
+                yield key, count, topk_targets(real, k=targets.k, temperature=targets.temperature,
+                                               vocab_size=vocab, group=group)
                 continue
             uniforms = key_uniforms(self.cfg.seed, key, logits.shape[1], targets.draws)[:count]
-            ids, counts_ = sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
-                                           vocab_size=vocab, group=group)
-            ids, counts_ = ids.cpu().numpy(), counts_.cpu().numpy()
-            unique = (ids >= 0).sum(axis=1)
-            width = max(1, int(unique.max(initial=0)))
-            yield key, encode_record(self.codec, count, ids[:, :width], counts_[:, :width]), count, \
-                float(self.codec.floor_bits(unique).sum())
+            yield key, count, sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
+                                              vocab_size=vocab, group=group)
+
+    def _encode(self, targets: tuple[torch.Tensor, ...], count: int) -> tuple[bytes, float]:
+        """(codec record, information floor in bits) of one sample's targets at `count` positions."""
+        self.samples_encoded += 1
+        arrays = [t.cpu().numpy() for t in targets]
+        if self.cfg.targets.mode == "topk":
+            return encode_record(self.codec, count, *arrays), self.codec.floor_bits() * count
+        ids, counts = arrays
+        unique = (ids >= 0).sum(axis=1)
+        width = max(1, int(unique.max(initial=0)))
+        return encode_record(self.codec, count, ids[:, :width], counts[:, :width]), \
+            float(self.codec.floor_bits(unique).sum())
 
     # ---- the end
 
@@ -239,4 +249,4 @@ class CacheJob:
                 "shards_written": int(shards), "tokens": int(positions), "seconds": seconds,
                 "tokens_per_s": positions / seconds if seconds > 0 else 0.0,
                 "bytes_per_token": stored / positions if positions else 0.0, "complete": manifest is not None,
-                "output": self.cfg.output}
+                "output": self.cfg.output, "samples_encoded": self.samples_encoded}

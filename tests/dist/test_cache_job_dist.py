@@ -1,6 +1,7 @@
 """The cache job in 2 gloo processes against the single-process job: DP=2 splits the shards and writes the
 same bytes; TP=2 splits the teacher and the vocabulary and decodes to the same targets (its logits differ
-from TP=1's in the last bits, so the float32 rest masses may differ in their last bits too).
+from TP=1's in the last bits, so the float32 rest masses may differ in their last bits too; sampled draws
+do not, so a sampled cache is byte-identical). Each replica encodes its samples once: on its writing rank.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.shardmaker import make_token_shards
 
 pytestmark = pytest.mark.dist
 SEQ = 12
+SIZES = (3, 2, 4, 1, 2)
 
 
 def job_config(base: Path, out: str, tp: int, mode: str) -> CacheConfig:
@@ -33,7 +35,7 @@ def job_worker(rank: int, world: int, base: str, out: str, tp: int, mode: str) -
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache_dist")
-    make_token_shards(folder / "tokens", (3, 2, 4, 1, 2), seq_len=SEQ, vocab_size=VOCAB, seed=2)
+    make_token_shards(folder / "tokens", SIZES, seq_len=SEQ, vocab_size=VOCAB, seed=2)
     make_hf_model("llama_kv4", folder / "teacher")
     for mode in ("topk", "sampled"):
         run_cache(job_config(folder, f"single_{mode}", 1, mode))
@@ -50,6 +52,8 @@ def test_two_replicas_write_the_single_process_bytes(base, mode):
     summaries = run_distributed(job_worker, 2, str(base), f"dp2_{mode}", 1, mode)
     assert all(s["complete"] and s["shards_written"] == 5 for s in summaries)
     assert files(base / f"dp2_{mode}") == files(base / f"single_{mode}")
+    encoded = [s["samples_encoded"] for s in summaries]  # each replica encodes the samples of its own shards
+    assert sum(encoded) == sum(SIZES) and min(encoded) > 0
 
 
 def decoded(folder: Path) -> list:
@@ -65,8 +69,13 @@ def decoded(folder: Path) -> list:
 
 
 @pytest.mark.parametrize("mode", ["topk", "sampled"])
-def test_tensor_parallel_teacher_decodes_to_the_same_targets(base, mode):
-    run_distributed(job_worker, 2, str(base), f"tp2_{mode}", 2, mode)
+def test_tensor_parallel_teacher_decodes_to_the_same_targets_encoding_once(base, mode):
+    summaries = run_distributed(job_worker, 2, str(base), f"tp2_{mode}", 2, mode)
+    assert all(s["complete"] and s["shards_written"] == 5 for s in summaries)
+    # one replica: its tp rank 0 encodes every sample, tp rank 1 computes the targets with it but encodes none
+    assert [s["samples_encoded"] for s in summaries] == [sum(SIZES), 0]
+    if mode == "sampled":  # the draws are exact at every TP size, so the bytes are TP=1's
+        assert files(base / f"tp2_{mode}") == files(base / f"single_{mode}")
     single, split = decoded(base / f"single_{mode}"), decoded(base / f"tp2_{mode}")
     assert [name for name, _ in single] == [name for name, _ in split]
     for (name, want), (_, got) in zip(single, split):

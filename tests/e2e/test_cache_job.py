@@ -3,7 +3,8 @@
 The teacher is a real Hugging Face folder (tests/modelmaker.py), the token shards real webdataset tars
 (tests/shardmaker.py). The job runs through `distill cache` in-process (a world of one) or as a
 subprocess where it must be killed. Targets read back through the data reader's sidecar join must
-equal the teacher's own top-K computed here from its full logits.
+equal the teacher's own top-K computed here from its full logits. Every test builds what it reads: the
+caches several tests read are module fixtures, so any one test runs alone.
 """
 from __future__ import annotations
 
@@ -38,9 +39,23 @@ def world(tmp_path_factory):
     return base, model
 
 
-def cache(base: Path, out: str, *extra: str) -> int:
-    return main(["cache", f"teacher={base / 'teacher'}", f"tokens={base / 'tokens'}", f"output={base / out}",
-                 "progress=false", "micro_batch=2", *extra])
+def cache(base: Path, out: str | Path, *extra: str, shards: str | None = None) -> int:
+    return main(["cache", *([f"--shards={shards}"] if shards else []), f"teacher={base / 'teacher'}",
+                 f"tokens={base / 'tokens'}", f"output={base / out}", "progress=false", "micro_batch=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def topk_cache(world) -> Path:
+    base, _ = world
+    assert cache(base, "topk", "targets.k=8") == 0
+    return base / "topk"
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(world) -> Path:
+    base, _ = world
+    assert cache(base, "sampled_a", "targets.mode=sampled", "targets.draws=20") == 0
+    return base / "sampled_a"
 
 
 def shard_bytes(folder: Path) -> dict:
@@ -48,13 +63,12 @@ def shard_bytes(folder: Path) -> dict:
         "manifest.json": (folder / "manifest.json").read_bytes()}
 
 
-def test_topk_cache_decodes_to_the_teachers_targets(world):
+def test_topk_cache_decodes_to_the_teachers_targets(world, topk_cache):
     base, model = world
-    assert cache(base, "topk", "targets.k=8") == 0
-    manifest = json.loads((base / "topk" / "manifest.json").read_text())
+    manifest = json.loads((topk_cache / "manifest.json").read_text())
     assert manifest["extra"]["targets"]["k"] == 8 and manifest["extra"]["bytes_per_token"] > 0
-    reader = CacheTargets(str(base / "topk"))
-    data = TokenShardDataset(Source(str(base / "tokens"), sidecars={"teacher": str(base / "topk")}), micro_batch=3,
+    reader = CacheTargets(str(topk_cache))
+    data = TokenShardDataset(Source(str(base / "tokens"), sidecars={"teacher": str(topk_cache)}), micro_batch=3,
                              dp_rank=0, dp_size=1, seed=0, shuffle=True, verify=True)
     batch = data.batch(1)
     targets = reader.targets(batch)
@@ -73,13 +87,12 @@ def test_topk_cache_decodes_to_the_teachers_targets(world):
     assert loss.loss.item() < 0.02, "the teacher against its own decoded targets should have ~0 divergence"
 
 
-def test_sampled_cache_is_reproducible(world):
+def test_sampled_cache_is_reproducible(world, sampled_cache):
     base, _ = world
-    assert cache(base, "sampled_a", "targets.mode=sampled", "targets.draws=20") == 0
     assert cache(base, "sampled_b", "targets.mode=sampled", "targets.draws=20", "micro_batch=5") == 0
-    assert shard_bytes(base / "sampled_a") == shard_bytes(base / "sampled_b")
-    reader = CacheTargets(str(base / "sampled_a"))
-    data = TokenShardDataset(Source(str(base / "tokens"), sidecars={"teacher": str(base / "sampled_a")}),
+    assert shard_bytes(sampled_cache) == shard_bytes(base / "sampled_b")
+    reader = CacheTargets(str(sampled_cache))
+    data = TokenShardDataset(Source(str(base / "tokens"), sidecars={"teacher": str(sampled_cache)}),
                              micro_batch=4, dp_rank=0, dp_size=1, seed=0)
     targets = reader.targets(data.batch(0))
     assert targets.counts.shape[:2] == (4, SEQ) and (targets.counts.sum(-1) == 20).all()
@@ -96,17 +109,17 @@ def test_kill_and_rerun_is_byte_identical(world, tmp_path):
     base, _ = world
     many = tmp_path / "tokens"
     make_token_shards(many, (3,) * 12, seq_len=SEQ, vocab_size=VOCAB, seed=9)
-    args = [sys.executable, "-m", "pipeline", "cache", f"teacher={base / 'teacher'}", f"tokens={many}",
-            "progress=false", "micro_batch=1", "targets.k=4"]
-    subprocess.run(args + [f"output={tmp_path / 'whole'}"], check=True, cwd=ROOT, capture_output=True)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(args + [f"output={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = ["cache", f"teacher={base / 'teacher'}", f"tokens={many}", "progress=false", "micro_batch=1",
+                "targets.k=4"]
+    out = tmp_path / "killed"  # the killed run is a process of its own; the uninterrupted one needs none
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *settings, f"output={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     visible_seen = _kill_after_first_shards(proc, out, shards=3)
+    assert main([*settings, f"output={tmp_path / 'whole'}"]) == 0
     for name, data in visible_seen.items():
         assert data == (tmp_path / "whole" / name).read_bytes(), f"{name} was visible before it was complete"
     assert not (out / "manifest.json").exists()
-    assert main(["cache", f"teacher={base / 'teacher'}", f"tokens={many}", f"output={out}", "progress=false",
-                 "micro_batch=1", "targets.k=4"]) == 0
+    assert main([*settings, f"output={out}"]) == 0
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
     assert not list(out.glob(".*.partial"))
 
@@ -117,24 +130,32 @@ def _kill_after_first_shards(proc: subprocess.Popen, out: Path, shards: int) -> 
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list(out.glob("*.tar"))) >= shards:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     return {p.name: p.read_bytes() for p in out.glob("*.tar")}
 
 
-def test_other_config_into_same_folder_is_refused(world, capsys):
+def test_array_tasks_with_other_settings_are_refused_and_with_the_same_complete_the_cache(world, tmp_path, capsys):
     base, _ = world
-    assert cache(base, "guarded", "targets.k=4") == 0
-    before = shard_bytes(base / "guarded")
-    assert cache(base, "guarded", "targets.k=5") == 2
-    assert "different teacher or settings (targets.k" in capsys.readouterr().err
-    make_hf_model("llama_gqa", base / "other_teacher", seed=1)
-    assert main(["cache", f"teacher={base / 'other_teacher'}", f"tokens={base / 'tokens'}",
-                 f"output={base / 'guarded'}", "progress=false", "targets.k=4"]) == 2
-    assert "teacher.weights_sha256" in capsys.readouterr().err
-    assert shard_bytes(base / "guarded") == before
+    out = tmp_path / "guarded"
+    assert cache(base, out, "targets.k=4", shards="0:1") == 0  # task 0 of a job array: the first shard
+    assert not (out / "manifest.json").exists()
+    first = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert len(first) == 1
+    capsys.readouterr()
+    assert cache(base, out, "targets.k=5", shards="1:3") == 2  # another task, other settings
+    assert "different teacher or settings (targets.k differ)" in capsys.readouterr().err
+    make_hf_model("llama_gqa", tmp_path / "other_teacher", seed=1)
+    assert main(["cache", "--shards=1:3", f"teacher={tmp_path / 'other_teacher'}", f"tokens={base / 'tokens'}",
+                 f"output={out}", "progress=false", "targets.k=4"]) == 2
+    assert "(teacher.weights_sha256 differ)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == first, "a refused task wrote or overwrote"
+    assert cache(base, out, "targets.k=4", shards="1:3") == 0  # the same settings: the array completes
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == len(SIZES) and manifest["extra"]["targets"]["k"] == 4
+    assert {name: (out / name).read_bytes() for name in first} == first
 
 
 def test_token_shard_that_changed_since_its_manifest_is_refused(world, tmp_path, capsys):
@@ -189,34 +210,30 @@ def test_missing_paths_are_config_errors(capsys):
     assert "teacher: is required" in capsys.readouterr().err
 
 
-def test_verify_cache_with_teacher(world, capsys):
+def test_verify_cache_with_teacher(world, topk_cache, capsys):
     base, _ = world
-    if not (base / "topk" / "manifest.json").exists():
-        assert cache(base, "topk", "targets.k=8") == 0
     capsys.readouterr()
-    assert main(["verify-cache", str(base / "topk"), "--tokens", str(base / "tokens"),
+    assert main(["verify-cache", str(topk_cache), "--tokens", str(base / "tokens"),
                  "--teacher", str(base / "teacher"), "--positions", "40"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["positions_checked"] >= 40 and report["id_mismatch"] == 0
     assert report["max_ratio_error"] <= report["ratio_error_bound"] and 0 <= report["kl_mean"] < 0.01
 
 
-def test_verify_sampled_cache_reproduces_draws(world, capsys):
+def test_verify_sampled_cache_reproduces_draws(world, sampled_cache, capsys):
     base, _ = world
-    if not (base / "sampled_a" / "manifest.json").exists():
-        assert cache(base, "sampled_a", "targets.mode=sampled", "targets.draws=20") == 0
     capsys.readouterr()
-    assert main(["verify-cache", str(base / "sampled_a"), "--tokens", str(base / "tokens"),
+    assert main(["verify-cache", str(sampled_cache), "--tokens", str(base / "tokens"),
                  "--teacher", str(base / "teacher"), "--positions", "32"]) == 0
     assert json.loads(capsys.readouterr().out)["draws_reproduced"] == 1.0
 
 
-def test_verify_cache_reports_a_corrupt_shard_and_a_foreign_source(world, tmp_path, capsys):
+def test_verify_cache_reports_a_corrupt_shard_and_a_foreign_source(world, topk_cache, tmp_path, capsys):
     import shutil
 
     base, _ = world
     copy = tmp_path / "copy"
-    shutil.copytree(base / "guarded" if (base / "guarded").exists() else base / "topk", copy)
+    shutil.copytree(topk_cache, copy)
     shard = sorted(copy.glob("*.tar"))[1]
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
@@ -225,5 +242,5 @@ def test_verify_cache_reports_a_corrupt_shard_and_a_foreign_source(world, tmp_pa
     assert f"{shard.name}" in capsys.readouterr().out
     other = tmp_path / "other_tokens"
     make_token_shards(other, SIZES, seq_len=SEQ, vocab_size=VOCAB, seed=5)
-    assert main(["verify-cache", str(base / "topk"), "--tokens", str(other)]) == 1
+    assert main(["verify-cache", str(topk_cache), "--tokens", str(other)]) == 1
     assert "sha256" in capsys.readouterr().out
