@@ -16,17 +16,19 @@ STUDENT = ["model.vocab_size=300", "model.hidden_size=64", "model.intermediate_s
            "model.num_heads=4", "model.num_kv_heads=2", "compute.vocab_multiple=64"]
 
 
-def teacher_cache(folder: Path, tokens: Path, *, mode: str = "topk", k: int = 8, seed: int = 0) -> Path:
-    """The cache of `tokens` by a random llama_gqa teacher (vocab 300), in `folder`/cache_<mode>."""
+def teacher_cache(folder: Path, tokens: Path, *, mode: str = "topk", k: int = 8, seed: int = 0,
+                  temperature: float = 1.0) -> Path:
+    """The cache of `tokens` by a random llama_gqa teacher (vocab 300), in `folder`/cache_<mode>[_T<temperature>]."""
     from pipeline.config import CacheConfig, from_dict
     from pipeline.teacher.job import run_cache
 
     teacher = folder / "teacher"
     if not teacher.exists():
         make_hf_model("llama_gqa", teacher, seed=seed)
-    out = folder / f"cache_{mode}"
+    out = folder / (f"cache_{mode}" if temperature == 1.0 else f"cache_{mode}_T{temperature:g}")
     cfg = from_dict(CacheConfig, {"teacher": str(teacher), "tokens": str(tokens), "output": str(out),
-                                  "progress": False, "targets": {"mode": mode, "k": k, "draws": 16}})
+                                  "progress": False, "targets": {"mode": mode, "k": k, "draws": 16,
+                                                                 "temperature": temperature}})
     run_cache(cfg)
     return out
 

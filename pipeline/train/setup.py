@@ -37,23 +37,27 @@ def check_settings(cfg: TrainConfig) -> None:
     if tokens.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the token shards "
                          f"in {cfg.data.tokens} ({tokens.vocab_size}); set model.vocab_size to at least that")
-    for cache in (cfg.data.teacher_cache, cfg.data.eval_teacher_cache):
+    for cache, trained_on in ((cfg.data.teacher_cache, True), (cfg.data.eval_teacher_cache, False)):
         if cache:
-            _check_cache(cfg, cache)
+            _check_cache(cfg, cache, trained_on=trained_on)
     if cfg.data.tokenizer:
         _check_tokenizer(cfg.data.tokenizer, tokens.tokenizer_fingerprint, cfg.data.tokens)
 
 
-def _check_cache(cfg: TrainConfig, cache: str) -> None:
+def _check_cache(cfg: TrainConfig, cache: str, *, trained_on: bool) -> None:
+    """A cache the student can score; the loss's own demands (mode, temperature) only for the one it trains on.
+
+    The held-out cache is eval's ruler, the same for every run: eval measures KL at that cache's temperature
+    whatever the training loss, so a run at loss.temperature=2 is still evaluated on T=1 targets."""
     from pipeline.teacher.reader import CacheTargets
 
     targets = CacheTargets(cache)
     mode = targets.record.get("mode")
-    if mode == "sampled" and cfg.loss.divergence not in SAMPLED_DIVERGENCES:
+    if trained_on and mode == "sampled" and cfg.loss.divergence not in SAMPLED_DIVERGENCES:
         raise TrainError(f"loss.divergence={cfg.loss.divergence!r} with the sampled cache {cache}: counts/N is an "
                          "unbiased teacher only inside losses linear in it; use loss.divergence=kl (or a top-K cache "
                          "for rkl, js, tvd and the skewed ones)")
-    if abs(targets.temperature - cfg.loss.temperature) > 1e-12:
+    if trained_on and abs(targets.temperature - cfg.loss.temperature) > 1e-12:
         raise TrainError(f"loss.temperature={cfg.loss.temperature} but the cache {cache} was written at temperature "
                          f"{targets.temperature}; set loss.temperature={targets.temperature} or remake the cache")
     if targets.vocab_size > cfg.model.vocab_size:

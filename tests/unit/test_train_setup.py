@@ -90,3 +90,16 @@ def test_too_little_data_for_one_step_names_the_folder(tmp_path):
     cfg = train_config(student_overrides(tmp_path / "run", tmp_path / "few", micro_batch=2))
     with pytest.raises(TrainError, match=f"{tmp_path / 'few'}: 3 samples per epoch cannot fill one step"):
         make_dataset(str(tmp_path / "few"), "", cfg, rank=0, size=2, shuffle=False)
+
+
+def test_the_held_out_cache_is_a_ruler_not_a_loss_target(data, tmp_path):
+    """Eval measures every run on the same held-out cache: a run whose loss is js, or at another temperature, may
+    evaluate on a sampled or T=1 cache, while the cache it trains on must still suit its loss."""
+    folder, tokens, cache, sampled = data
+    warm = teacher_cache(folder, tokens, temperature=2.0)
+    base = student_overrides(tmp_path / "run", tokens, warm) + ["loss.temperature=2.0", f"data.eval_tokens={tokens}"]
+    check_settings(train_config(base + [f"data.eval_teacher_cache={cache}"]))
+    check_settings(train_config(base + [f"data.eval_teacher_cache={sampled}", "loss.divergence=js"]))
+    with pytest.raises(TrainError, match="was written at temperature 2.0"):
+        check_settings(train_config(student_overrides(tmp_path / "run", tokens, warm) + [
+            f"data.eval_tokens={tokens}", f"data.eval_teacher_cache={cache}"]))
