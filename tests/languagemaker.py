@@ -13,9 +13,8 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-from tokenization.format import Manifest, ShardEntry, encode_sample, write_manifest
+from tokenization.format import SHARD_SUFFIX, Manifest, ShardEntry, ShardWriter, encode_sample, write_manifest
 
 FINGERPRINT = "m" * 64
 
@@ -76,9 +75,9 @@ def make_language_shards(folder, language: MarkovLanguage, sizes, *, seq_len: in
     dtype = np.uint16 if language.vocab_size < 65536 else np.uint32
     entries = []
     for shard, count in enumerate(sizes):
-        name = f"{prefix}-{shard:06d}.tar"
+        name = f"{prefix}-{shard:06d}{SHARD_SUFFIX}"
         windows = language.stream(rng, count * (seq_len + 1)).reshape(count, seq_len + 1)
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+        with open(folder / name, "wb") as file, ShardWriter(file) as writer:
             for offset, window in enumerate(windows):
                 segments = _segments(window, language.eos_id)
                 writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", window.astype(dtype), segments))

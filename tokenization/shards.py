@@ -1,7 +1,7 @@
-"""Write token shards: tokenize, pack and store each input file as webdataset tars, then the manifest.
+"""Write token shards: tokenize, pack and store each input file as webdataset shards, then the manifest.
 
 Design choice: the unit of work is one input file. File `i` is tokenized and packed on its own into
-shards `{i:05d}-{j:05d}.tar` with keys `{i:05d}-{sample:09d}`, so workers process files in parallel
+shards `{i:05d}-{j:05d}.tar.gz` (format.py's layout) with keys `{i:05d}-{sample:09d}`, so workers process files in parallel
 without talking to each other, keys never depend on scheduling, and a rerun after a kill redoes only the
 files without a done record (`_progress/{i:05d}.json`, written atomically after the file's shards). Each
 shard is written under a temporary name, fsynced and renamed. The cost: packing restarts at every file,
@@ -62,10 +62,11 @@ class ShardJob:
     eos_token: str = DEFAULT_EOS
     shard_max_bytes: int = 1 << 30
     shard_max_samples: int = 100_000
+    format_version: int = fmt.FORMAT_VERSION  # a folder written by another format version is refused, not mixed
 
 
 def shard_name(file_index: int, shard_index: int) -> str:
-    return f"{file_index:05d}-{shard_index:05d}.tar"
+    return f"{file_index:05d}-{shard_index:05d}{fmt.SHARD_SUFFIX}"
 
 
 def sample_key(file_index: int, sample_index: int) -> str:
@@ -92,18 +93,16 @@ class _ShardSink:
         self._tokens += int(segments[-1])
 
     def _open_shard(self) -> None:
-        import webdataset as wds
-
         self._name = shard_name(self.file_index, len(self.entries))
         self._tmp = self.out_dir / f".{self._name}.tmp"
         self._file = fmt.HashingFile(self._tmp)
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._writer = fmt.ShardWriter(self._file)
         self._count = self._tokens = 0
 
     def _finish_shard(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()  # writes the end-of-archive blocks through _HashingFile
+        self._writer.close()  # the tar's end blocks and the gzip trailer, through the HashingFile
         self._file.file.flush()
         os.fsync(self._file.file.fileno())
         self._file.file.close()
@@ -119,7 +118,8 @@ class _ShardSink:
 
 def _clear_file_outputs(out_dir: Path, file_index: int) -> None:
     """Delete whatever an unfinished earlier attempt left for this input file."""
-    for stale in list(out_dir.glob(f"{file_index:05d}-*.tar")) + list(out_dir.glob(f".{file_index:05d}-*.tar.tmp")):
+    stale_names = (f"{file_index:05d}-*{fmt.SHARD_SUFFIX}", f".{file_index:05d}-*{fmt.SHARD_SUFFIX}.tmp")
+    for stale in [path for pattern in stale_names for path in out_dir.glob(pattern)]:
         stale.unlink()
 
 
