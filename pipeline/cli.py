@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard of a token-shard folder against manifest.json: presence, unlisted shards, "
                     "sample and token counts, sha256, decodable samples, duplicate keys, truncated tars. Prints "
                     "each problem naming its file and exits 1 if there is any, else prints a summary and exits 0.")
-    verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar shards")
+    verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar.gz shards")
     verify.set_defaults(handler=_verify_shards)
     add_model_commands(commands)
     add_cache_commands(commands)
@@ -97,9 +97,9 @@ def _add_tokenize(commands) -> None:
     shard = steps.add_parser(
         "shard", help="tokenize and pack text into token shards",
         description="Tokenize the documents of the input files, pack them into windows of seq_len + 1 tokens "
-                    "and write webdataset .tar shards plus manifest.json. Files are processed in parallel, one "
-                    "per worker; rerunning the same command after a crash finishes only the unfinished files "
-                    "and yields the same shards and manifest as an uninterrupted run.")
+                    "and write gzip-compressed webdataset shards (.tar.gz) plus manifest.json. Files are "
+                    "processed in parallel, one per worker; rerunning the same command after a crash finishes "
+                    "only the unfinished files and yields the same shards and manifest as an uninterrupted run.")
     _add_input_options(shard)
     shard.add_argument("--tokenizer", required=True, metavar="PATH",
                        help="a tokenizer.json file or a Hugging Face tokenizer folder holding one")
@@ -115,7 +115,7 @@ def _add_tokenize(commands) -> None:
     shard.add_argument("--workers", type=int, default=1, metavar="N",
                        help="processes working on input files in parallel (default: 1)")
     shard.add_argument("--shard-max-bytes", type=int, default=1 << 30, metavar="BYTES",
-                       help="start a new shard once one holds this many bytes (default: 1 GiB)")
+                       help="start a new shard once one holds this many bytes on disk, compressed (default: 1 GiB)")
     shard.add_argument("--shard-max-samples", type=int, default=100_000, metavar="N",
                        help="start a new shard once one holds this many samples (default: 100000)")
     shard.add_argument("--files", metavar="START:STOP|array", type=parse_range,

@@ -4,7 +4,8 @@ Everything that writes or reads token shards (the tokenizer's shard writer, the 
 the teacher cache job, verification) goes through this module, so the format lives in one place.
 
 A token-shard folder holds `manifest.json` and webdataset shards `NAME.tar.gz`: one gzip stream
-(level 1, gzip mtime 0, no file name) holding a ustar tar (member mtime 0, no PAX headers). Each sample has:
+(level 1, gzip mtime 0, no file name) holding a ustar tar (member mtime 0, no PAX headers). Each
+sample has:
 - `__key__`: unique in the dataset, deterministic (a rerun produces the same keys);
 - `tokens.npy`: `seq_len + 1` token ids (inputs and labels are shifts of one array), uint16 when the
   vocabulary has fewer than 65536 entries, else uint32;
@@ -16,17 +17,19 @@ the same samples with the same keys (it decompresses `.tar.gz` by itself).
 
 Design choice: compress the whole shard. A tar member costs a 512-byte header and pads its data to
 512 bytes, so a sample of 2049 uint16 ids (4098 bytes) takes 5120 bytes even as one member with no PAX
-header (1.25×), and format 1's two members with 1 KiB PAX headers took 8× at seq_len 128. In a gzip
-stream the headers and the zero padding of a sample cost tens of bytes and the ids themselves compress
-(BPE ids of text), so the members stay self-describing .npy files: measured by `benchmarks/data.py
---part storage` on real written shards, shard bytes are about 0.8× the ids at seq_len 2048 and about
-1.0× at seq_len 128 (incompressible ids: about 1.02× at 2048). The costs: (1) no seeking inside a
-shard: starting at sample k decompresses (without decoding) the k samples before it, so a resume reads
-at most one shard; (2) CPU: level 1 compresses ~50 MB of ids per second per core (a few % of the
-tokenizer's time) and decompresses ~200 MB/s; (3) the byte-identical rerun holds for the same zlib
-build: another zlib (zlib-ng, say) may write other bytes for the same samples (readable, other sha256).
-Sidecar shards (the teacher cache) stay plain `NAME.tar`: their members are already-compressed codec
-records of tens of KiB at seq_len 2048, where tar costs about 2 % and a gzip pass would buy nothing.
+header (1.25×); format 1 (two members, 1 KiB PAX headers from a float mtime, no compression) took 2.0×
+the ids at seq_len 2048 and 15.9× at seq_len 128. In a gzip stream a sample's headers and zero padding
+cost tens of bytes and the ids themselves compress (BPE ids of text), so the members stay
+self-describing .npy files. `benchmarks/data.py --part storage` on shards this writer made from the
+quickstart's novels (vocabulary 4096): 0.69× the ids at seq_len 2048, 0.93× at seq_len 128; uniformly
+random (incompressible) ids: 1.02× at seq_len 2048. The costs: (1) no seeking inside a shard: starting
+at sample k decompresses (without decoding) the k samples before it, so a resume reads up to one shard;
+(2) CPU: level 1 compresses about 50 MB of ids per second per core, some 3 % of the tokenizer's time
+(about 2 MB of ids per second per core), and decompresses about 200 MB/s; (3) the byte-identical rerun
+holds for the same zlib build: another zlib (zlib-ng, say) may write other bytes for the same samples
+(readable, but with another sha256).
+Sidecar shards (the teacher cache) stay plain `NAME.tar`: a sample there is one member holding a codec
+record already near its entropy, tens of KiB at seq_len 2048, where tar's overhead is about 2 %.
 """
 from __future__ import annotations
 
