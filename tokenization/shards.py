@@ -1,7 +1,7 @@
 """Write token shards: tokenize, pack and store each input file as webdataset shards, then the manifest.
 
 Design choice: the unit of work is one input file. File `i` is tokenized and packed on its own into
-shards `{i:05d}-{j:05d}.tar.gz` (format.py's layout) with keys `{i:05d}-{sample:09d}`, so workers process files in parallel
+shards `{i:05d}-{j:05d}.tar.gz` with keys `{i:05d}-{sample:09d}`, so workers process files in parallel
 without talking to each other, keys never depend on scheduling, and a rerun after a kill redoes only the
 files without a done record (`_progress/{i:05d}.json`, written atomically after the file's shards). Each
 shard is written under a temporary name, fsynced and renamed. The cost: packing restarts at every file,

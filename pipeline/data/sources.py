@@ -2,10 +2,11 @@
 
 A `ShardSet` is one folder (local path or any URL webdataset opens) with its manifest. A sidecar is a
 second shard set written from a token-shard set (the teacher cache): one shard per token shard with
-the same name stem (`NAME.tar` beside the token shard `NAME.tar.gz`), the same `__key__`s in the same order, the same tokenizer fingerprint, and
-`extra["source_shards"]`: {token shard name: sha256 of that token shard}. The join is checked up
-front against the manifests (missing shard, different sample count, foreign source sha256, other
-tokenizer) and per sample while reading (key by key), and every mismatch names the shard and key.
+the same name stem (`NAME.tar` beside the token shard `NAME.tar.gz`), the same `__key__`s in the same
+order, the same tokenizer fingerprint, and `extra["source_shards"]`: {token shard name: sha256 of that
+token shard}. The join is checked up front against the manifests (missing shard, different sample
+count, foreign source sha256, other tokenizer) and per sample while reading (key by key), and every
+mismatch names the shard and key.
 
 Design choice: the dataset fingerprint covers what decides the samples' contents and order (every
 shard's name, count and sha256, the tokenizer fingerprint, seq_len), not the sidecars, so a resumed
