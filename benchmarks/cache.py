@@ -65,20 +65,18 @@ sys.path.insert(0, ROOT)
 
 def load_batches(tokens_folder: Path, micro_batch: int) -> list[torch.Tensor]:
     """Every sample of the token shards as int64 micro-batches [B, seq_len + 1], in shard order."""
+    from pipeline.data.shards import ShardReader
     from pipeline.data.sources import ShardSet
     from tokenization.format import decode_sample
     shards = ShardSet(str(tokens_folder))
     manifest = shards.manifest
     samples = []
     for index, entry in enumerate(manifest.shards):
-        with tarfile.open(shards.url(index)) as tar:
-            members: dict = {}
-            for member in tar.getmembers():
-                key, _, suffix = member.name.partition(".")
-                members.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(member).read()
-        for raw in members.values():
+        reader = ShardReader(shards.url(index), expected=entry.samples, where=entry.name)
+        for raw in reader.take(entry.samples):
             tokens, _ = decode_sample(raw, seq_len=manifest.seq_len, dtype=manifest.dtype, where=entry.name)
             samples.append(np.asarray(tokens).astype(np.int64))
+        reader.close()
     stacked = torch.from_numpy(np.stack(samples))
     return list(stacked.split(micro_batch))
 

@@ -11,16 +11,22 @@ byte-level BPE tokenizer (`train_tokenizer`, default vocab 8192) on the first fi
 Both sides run with the same `RAYON_NUM_THREADS` (default 1; set before `tokenizers` is imported) and
 `TOKENIZERS_PARALLELISM=true`, so "per worker" means per tokenizer thread. Target: ≥ 0.8 × raw per worker.
 
-`--part read`: writes a synthetic token-shard folder (default ~200 MB: seq_len 2048, uint16 ids,
-1000-sample shards) to a temporary directory, then times, in this process with one torch thread:
+`--part storage`: shard bytes against the token payload (`samples × (seq_len + 1) × itemsize`) on shards
+the real writer produces: `shard_corpus` on the quickstart's training novels (data/austen, real English)
+with a byte-level BPE tokenizer of the quickstart's vocabulary (4096) trained on them, at seq_len 2048 and
+at the quickstart's 128; and the shard sink fed uniformly random uint16 ids (incompressible: the worst
+case) at seq_len 2048. Target: shard bytes ≤ 1.15 × payload at seq_len 2048.
+
+`--part read`: writes a synthetic token-shard folder (default ~200 MB of token ids: seq_len 2048, uint16
+ids, 1000-sample shards) to a temporary directory, then times, in this process with one torch thread:
 - **ours**: `TokenShardDataset` (shuffled shard order and windows, DP rank 0 of 1, no sidecar, no
   workers), decoding to int64 `[B, seq_len+1]` tensors;
 - **baseline**: `webdataset.WebDataset(urls, shardshuffle=False)` with `np.load` of each sample's tokens
   (no batching, no shuffling, no tensors), the floor of what reading these tars costs.
 Each is run once to warm the page cache, then timed over one epoch.
 
-Run: .venv/bin/python benchmarks/data.py [--part tokenize|read|all] [--corpus-mb 32] [--threads 1]
-     [--workers 1,2] [--megabytes 200] [--seq-len 2048]
+Run: .venv/bin/python benchmarks/data.py [--part tokenize|storage|read|all] [--corpus-mb 32] [--threads 1]
+     [--workers 1,2] [--megabytes 200] [--seq-len 2048] [--storage-seq-lens 2048,128]
 """
 from __future__ import annotations
 
@@ -54,8 +60,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.data import TokenShardDataset
 from tests.shardmaker import make_token_shards
+from tokenization.format import read_manifest
 from tokenization.readers import iter_documents
-from tokenization.shards import ENCODE_BATCH, shard_corpus
+from tokenization.shards import ENCODE_BATCH, _ShardSink, shard_corpus
 from tokenization.tokenizer import load_tokenizer, train_tokenizer
 
 _COMMON = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by",
@@ -178,6 +185,52 @@ def run_tokenize(args: argparse.Namespace) -> None:
               f"| {rate / workers / base:.2f} |")
 
 
+# --- storage ---------------------------------------------------------------------------------------------
+
+AUSTEN = ["sense_and_sensibility", "pride_and_prejudice", "mansfield_park", "emma", "northanger_abbey"]
+
+
+def storage_row(name: str, folder: Path, entries, seq_len: int, itemsize: int) -> tuple:
+    samples = sum(e.samples for e in entries)
+    stored = sum((folder / e.name).stat().st_size for e in entries)
+    return name, seq_len, samples, len(entries), samples * (seq_len + 1) * itemsize, stored
+
+
+def random_id_shards(folder: Path, seq_len: int, samples: int) -> list:
+    """Uniformly random uint16 ids through the tokenizer's shard sink: nothing for gzip to squeeze."""
+    rng = np.random.default_rng(0)
+    sink = _ShardSink(folder, 0, max_bytes=1 << 30, max_samples=samples)
+    for _ in range(samples):
+        sink.write(rng.integers(0, 65535, seq_len + 1).astype(np.uint16), np.array([0, seq_len + 1], np.int32))
+    return sink.close()
+
+
+def run_storage(args: argparse.Namespace) -> None:
+    root = Path(__file__).resolve().parent.parent / "data" / "austen"
+    files = [str(root / f"{name}.jsonl.gz") for name in AUSTEN]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_path = Path(tmp) / "tokenizer.json"
+        train_tokenizer(files, args.storage_vocab, out_path=tokenizer_path)
+        for seq_len in args.storage_seq_lens:
+            out = Path(tmp) / f"austen-{seq_len}"
+            shard_corpus(files, tokenizer_path, out, seq_len=seq_len, progress=False)
+            manifest = read_manifest(out)
+            rows.append(storage_row("austen, BPE", out, manifest.shards, seq_len, manifest.dtype.itemsize))
+        out = Path(tmp) / "random"
+        out.mkdir()
+        rows.append(storage_row("random uint16 ids", out, random_id_shards(out, 2048, 400), 2048, 2))
+    print(f"token shards: {len(AUSTEN)} novels of data/austen, byte-level BPE vocab {args.storage_vocab}, concat "
+          f"packing, default shard limits; payload = samples × (seq_len + 1) × 2 bytes (uint16 ids)")
+    print("| ids | seq_len | samples | shards | payload bytes | shard bytes | shard / payload | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, seq_len, samples, shards, payload, stored in rows:
+        target = "≤ 1.15" if seq_len == 2048 else "-"
+        met = "" if seq_len != 2048 else (" (met)" if stored <= 1.15 * payload else " (NOT met)")
+        print(f"| {name} | {seq_len} | {samples} | {shards} | {payload:,} | {stored:,} | {stored / payload:.3f} | "
+              f"{target}{met} |")
+
+
 # --- reader half -------------------------------------------------------------------------------------------
 
 def read_ours(folder: Path, micro_batch: int) -> tuple[int, int]:
@@ -191,7 +244,7 @@ def read_ours(folder: Path, micro_batch: int) -> tuple[int, int]:
 
 def read_baseline(folder: Path, micro_batch: int) -> tuple[int, int]:
     import webdataset as wds
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    urls = [str(folder / e.name) for e in read_manifest(folder).shards]
     samples = tokens = 0
     for sample in wds.WebDataset(urls, shardshuffle=False):
         array = np.load(io.BytesIO(sample["tokens.npy"]))
@@ -208,14 +261,13 @@ def timed(fn, folder: Path, micro_batch: int) -> tuple[float, int, int]:
 
 def run_read(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    sample_bytes = 2 * (args.seq_len + 1) + 2048  # ids + .npy headers + tar headers and padding, roughly
-    total = int(args.megabytes * 2**20 / sample_bytes)
+    total = int(args.megabytes * 2**20 / (2 * (args.seq_len + 1)))  # megabytes of uint16 ids
     full, rest = divmod(total, args.shard_samples)
     shards = [args.shard_samples] * full + ([rest] if rest else [])
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         make_token_shards(tmp, shards, seq_len=args.seq_len, vocab_size=32000)
-        size = sum(p.stat().st_size for p in Path(tmp).glob("*.tar"))
+        size = sum(Path(tmp, e.name).stat().st_size for e in read_manifest(tmp).shards)
         seconds = time.perf_counter() - start
         print(f"wrote {len(shards)} shards, {total} samples, {size / 2**20:.0f} MB in {seconds:.1f} s")
         rows = [("ours", *timed(read_ours, Path(tmp), args.micro_batch)),
@@ -231,20 +283,25 @@ def run_read(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("tokenize", "read", "all"), default="all")
+    parser.add_argument("--part", choices=("tokenize", "storage", "read", "all"), default="all")
     parser.add_argument("--corpus-mb", type=float, default=32, help="tokenize: synthetic corpus size")
     parser.add_argument("--corpus-files", type=int, default=4, help="tokenize: jsonl files (≥ workers)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokenize: BPE vocabulary")
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[1, 2],
                         help="tokenize: comma-separated shard_corpus worker counts")
     parser.add_argument("--threads", type=int, default=1, help="tokenize: RAYON_NUM_THREADS for both sides")
-    parser.add_argument("--megabytes", type=float, default=200, help="read: synthetic shard folder size")
+    parser.add_argument("--storage-vocab", type=int, default=4096, help="storage: BPE vocabulary (the quickstart's)")
+    parser.add_argument("--storage-seq-lens", type=lambda s: [int(n) for n in s.split(",")], default=[2048, 128],
+                        help="storage: comma-separated seq_lens")
+    parser.add_argument("--megabytes", type=float, default=200, help="read: MB of token ids in the synthetic folder")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--shard-samples", type=int, default=1000, help="read: samples per shard")
     parser.add_argument("--micro-batch", type=int, default=8, help="read: samples per batch")
     args = parser.parse_args()
     if args.part in ("tokenize", "all"):
         run_tokenize(args)
+    if args.part in ("storage", "all"):
+        run_storage(args)
     if args.part in ("read", "all"):
         run_read(args)
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard of a token-shard folder against manifest.json: presence, unlisted shards, "
                     "sample and token counts, sha256, decodable samples, duplicate keys, truncated tars. Prints "
                     "each problem naming its file and exits 1 if there is any, else prints a summary and exits 0.")
-    verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar shards")
+    verify.add_argument("folder", metavar="DIR", help="folder holding manifest.json and the .tar.gz shards")
     verify.set_defaults(handler=_verify_shards)
     add_model_commands(commands)
     add_cache_commands(commands)
@@ -101,7 +101,7 @@ def _add_tokenize(commands) -> None:
     shard = steps.add_parser(
         "shard", help="tokenize and pack text into token shards",
         description="Tokenize the documents of the input files, pack them into windows of seq_len + 1 tokens "
-                    "and write webdataset .tar shards plus manifest.json. The input is cut into parts (a file, or a "
+                    "and write gzip-compressed webdataset shards (.tar.gz) plus manifest.json. The input is cut into parts (a file, or a "
                     "--split-bytes range of a large plain .jsonl) processed in parallel, one per worker; the "
                     "output does not depend on the worker count, and rerunning the same command after a crash "
                     "finishes only the unfinished parts and yields the same shards and manifest as an "
@@ -128,7 +128,7 @@ def _add_tokenize(commands) -> None:
                             "settings: a rerun in the same folder must use the same value "
                             f"(default: {DEFAULT_SPLIT_BYTES} = 256 MiB)")
     shard.add_argument("--shard-max-bytes", type=int, default=1 << 30, metavar="BYTES",
-                       help="start a new shard once one holds this many bytes (default: 1 GiB)")
+                       help="start a new shard once one holds this many bytes on disk, compressed (default: 1 GiB)")
     shard.add_argument("--shard-max-samples", type=int, default=100_000, metavar="N",
                        help="start a new shard once one holds this many samples (default: 100000)")
     shard.add_argument("--files", metavar="START:STOP|array", type=parse_range,

@@ -16,9 +16,8 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-from tokenization.format import Manifest, ShardEntry, encode_sample, write_manifest
+from tokenization.format import SHARD_SUFFIX, Manifest, ShardEntry, ShardWriter, encode_sample, write_manifest
 from tokenization.packing import bestfit, with_eos
 
 FINGERPRINT = "m" * 64
@@ -71,9 +70,9 @@ def make_language_shards(folder, language: MarkovLanguage, sizes, *, seq_len: in
     dtype = np.uint16 if language.vocab_size < 65536 else np.uint32
     entries = []
     for shard, count in enumerate(sizes):
-        name = f"{prefix}-{shard:06d}.tar"
+        name = f"{prefix}-{shard:06d}{SHARD_SUFFIX}"
         windows = language.stream(rng, count * (seq_len + 1)).reshape(count, seq_len + 1)
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+        with open(folder / name, "wb") as file, ShardWriter(file) as writer:
             for offset, window in enumerate(windows):
                 segments = _segments(window, language.eos_id)
                 writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", window.astype(dtype), segments))
@@ -114,8 +113,8 @@ def make_bestfit_shards(folder, language: MarkovLanguage, sizes, *, seq_len: int
         windows[at] = (tokens, np.array([0, 1], dtype=np.int32))
     entries, at = [], 0
     for shard, count in enumerate(sizes):
-        name = f"{prefix}-{shard:06d}.tar"
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+        name = f"{prefix}-{shard:06d}{SHARD_SUFFIX}"
+        with open(folder / name, "wb") as file, ShardWriter(file) as writer:
             for offset in range(count):
                 tokens, segments = windows[at + offset]
                 writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", tokens, segments))

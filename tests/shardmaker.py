@@ -1,4 +1,4 @@
-"""Small token-shard folders for the reader's tests, written with webdataset's TarWriter.
+"""Small token-shard folders for the reader's tests, written with the format's own ShardWriter.
 
 Every sample's tokens start with (shard index, offset in shard), so a test can tell which sample it
 got; the rest are seeded random ids. Sidecars mirror a token folder shard by shard and key by key.
@@ -10,9 +10,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-from tokenization.format import Manifest, ShardEntry, encode_sample, write_manifest
+from tokenization.format import (SHARD_SUFFIX, SIDECAR_SUFFIX, Manifest, ShardEntry, ShardWriter, encode_sample,
+                                 shard_stem, write_manifest)
 
 FINGERPRINT = "f" * 64
 
@@ -30,8 +30,8 @@ def make_token_shards(folder, sizes, *, seq_len: int = 8, vocab_size: int = 1000
     dtype = np.uint16 if vocab_size < 65536 else np.uint32
     entries = []
     for shard, count in enumerate(sizes):
-        name = f"{prefix}-{shard:06d}.tar"
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+        name = f"{prefix}-{shard:06d}{SHARD_SUFFIX}"
+        with open(folder / name, "wb") as file, ShardWriter(file) as writer:
             for offset in range(count):
                 tokens = rng.integers(0, vocab_size, seq_len + 1).astype(dtype)
                 tokens[0], tokens[1] = shard, offset
@@ -46,15 +46,17 @@ def make_token_shards(folder, sizes, *, seq_len: int = 8, vocab_size: int = 1000
 
 def make_sidecar(folder, token_manifest: Manifest, *, fingerprint: str | None = None, skip_shard: int | None = None,
                  key_fn=None, sources: dict | None = None) -> Manifest:
-    """A sidecar folder: member `target.npy` = the sample's (shard, offset); options break it on purpose."""
+    """A sidecar folder of plain tars (as the teacher cache writes them): member `target.npy` = the sample's
+    (shard, offset); options break it on purpose."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for shard, entry in enumerate(token_manifest.shards):
         if shard == skip_shard:
             continue
-        name, stem = entry.name, entry.name[: -len(".tar")]
-        with wds.TarWriter(str(folder / name), encoder=False, mtime=0) as writer:
+        stem = shard_stem(entry.name)
+        name = stem + SIDECAR_SUFFIX
+        with open(folder / name, "wb") as file, ShardWriter(file, compressed=False) as writer:
             for offset in range(entry.samples):
                 buffer = io.BytesIO()
                 np.save(buffer, np.array([shard, offset], dtype=np.int64))

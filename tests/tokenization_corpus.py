@@ -1,7 +1,10 @@
 """Generated text corpora and shard reading shared by the tokenization tests (no downloads)."""
 from __future__ import annotations
 
+import gzip
+import io
 import random
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,16 @@ def make_documents(count: int, seed: int = 0, words: tuple[int, int] = (3, 60)) 
 
 def write_blocks(path: Path, docs: list[str]) -> Path:
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A gzip-compressed tar of exactly these (name, bytes) members, in order: damage the writer never makes."""
+    with gzip.open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -1,9 +1,10 @@
-"""Write token shards: tokenize, pack and store each part of the input as webdataset tars, then the manifest.
+"""Write token shards: tokenize, pack and store each part of the input as webdataset shards (.tar.gz), then
+the manifest.
 
 Design choice: the unit of work is a part: one input file, or, for a plain .jsonl file larger than
 `split_bytes`, one byte range of it (ranges of `split_bytes` from byte 0, each owning the lines that start
 in it; see readers.py). The parts follow from the sorted inputs, their sizes and `split_bytes` alone, never
-from the worker count, so part `i` is tokenized and packed on its own into shards `{i:05d}-{j:05d}.tar`
+from the worker count, so part `i` is tokenized and packed on its own into shards `{i:05d}-{j:05d}.tar.gz`
 with keys `{i:05d}-{sample:09d}`: workers process parts in parallel without talking to each other, keys
 and bytes never depend on scheduling, and a rerun after a kill redoes only the parts without a done
 record (`_progress/{i:05d}.json`, written atomically after the part's shards). Each shard is written under
@@ -73,6 +74,7 @@ class ShardJob:
     shard_max_samples: int = 100_000
     input_sizes: tuple = ()
     split_bytes: int = DEFAULT_SPLIT_BYTES
+    format_version: int = fmt.FORMAT_VERSION  # a folder written by another format version is refused, not mixed
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def corpus_parts(inputs: Sequence[str], split_bytes: int = DEFAULT_SPLIT_BYTES) 
 
 
 def shard_name(file_index: int, shard_index: int) -> str:
-    return f"{file_index:05d}-{shard_index:05d}.tar"
+    return f"{file_index:05d}-{shard_index:05d}{fmt.SHARD_SUFFIX}"
 
 
 def sample_key(file_index: int, sample_index: int) -> str:
@@ -133,18 +135,16 @@ class _ShardSink:
         self._tokens += int(segments[-1])
 
     def _open_shard(self) -> None:
-        import webdataset as wds
-
         self._name = shard_name(self.file_index, len(self.entries))
         self._tmp = self.out_dir / f".{self._name}.tmp"
         self._file = fmt.HashingFile(self._tmp)
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._writer = fmt.ShardWriter(self._file)
         self._count = self._tokens = 0
 
     def _finish_shard(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()  # writes the end-of-archive blocks through _HashingFile
+        self._writer.close()  # the tar's end blocks and the gzip trailer, through the HashingFile
         self._file.file.flush()
         os.fsync(self._file.file.fileno())
         self._file.file.close()
@@ -160,7 +160,8 @@ class _ShardSink:
 
 def _clear_part_outputs(out_dir: Path, index: int) -> None:
     """Delete whatever an unfinished earlier attempt left for part `index`."""
-    for stale in list(out_dir.glob(f"{index:05d}-*.tar")) + list(out_dir.glob(f".{index:05d}-*.tar.tmp")):
+    stale_names = (f"{index:05d}-*{fmt.SHARD_SUFFIX}", f".{index:05d}-*{fmt.SHARD_SUFFIX}.tmp")
+    for stale in [path for pattern in stale_names for path in out_dir.glob(pattern)]:
         stale.unlink()
 
 

@@ -2,12 +2,13 @@
 
 Design choice: read every shard in full (sha256 of the bytes, then every sample decoded with
 format.decode_sample) and collect problems instead of stopping at the first, so one run lists all
-the damage; the cost is reading the whole dataset once (I/O bound, about as fast as the disk).
+the damage; the cost is reading the whole dataset once (decompression bound, ~200 MB/s per core).
+Samples are grouped by `format.read_samples` (webdataset's rule), as every reader groups them; a shard
+is checked to its end, where gzip's length and CRC catch a truncated or corrupt file.
 """
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def verify_shards(folder: str | Path) -> list[str]:
     for name, count in Counter(names).items():
         if count > 1:
             problems.append(f"{folder / fmt.MANIFEST_NAME}: shard {name} is listed {count} times")
-    for extra in sorted({p.name for p in folder.glob("*.tar")} - set(names)):
+    present = {p.name for pattern in (f"*{fmt.SHARD_SUFFIX}", f"*{fmt.SIDECAR_SUFFIX}") for p in folder.glob(pattern)}
+    for extra in sorted(present - set(names)):
         problems.append(f"{folder / extra}: shard not listed in the manifest")
     owner: dict[str, str] = {}
     for entry in manifest.shards:
@@ -69,8 +71,8 @@ def _check_shard(path: Path, entry: fmt.ShardEntry, manifest: fmt.Manifest, owne
                 continue
             samples += 1
             tokens += int(segments[-1])
-    except (tarfile.TarError, EOFError, OSError, _Truncated) as err:
-        return problems + [f"{path}: truncated or corrupt tar ({err})"]
+    except fmt.ShardFormatError as err:  # truncated or corrupt, or a member twice: the rest is unreadable
+        return problems + [str(err)]
     if samples != entry.samples:
         problems.append(f"{path}: {samples} readable samples, the manifest lists {entry.samples}")
     if tokens != entry.tokens:
@@ -78,38 +80,6 @@ def _check_shard(path: Path, entry: fmt.ShardEntry, manifest: fmt.Manifest, owne
     return problems
 
 
-class _Truncated(Exception):
-    pass
-
-
 def _samples(path: Path):
-    """Samples as webdataset groups them: consecutive members sharing the key before the first dot."""
-    current: dict | None = None
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, suffix = base.partition(".")
-            data = tar.extractfile(member).read()
-            if len(data) != member.size:
-                raise _Truncated(f"member {member.name} has {len(data)} of {member.size} bytes")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[suffix] = data
-        _check_end(path)
-    if current is not None:
-        yield current
-
-
-def _check_end(path: Path) -> None:
-    """A complete tar ends with at least two zero blocks; a shard cut at a member boundary lacks them."""
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - 1024))
-        tail = f.read()
-    if size % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
-        raise _Truncated("no end-of-archive blocks")
+    with open(path, "rb") as stream:
+        yield from fmt.read_samples(stream, compressed=fmt.is_compressed(path.name), where=str(path))

@@ -11,7 +11,8 @@ round-robin restores start, start+1, ... exactly, whatever n. The cost: every wo
 decodes) the whole of each window its steps touch, i.e. n× the I/O of one reader.
 
 Resumption: the state is the next step number plus what decides the order; a restored dataset
-computes that step's window, opens the shard there (header seek) and reads at most one window of raw
+computes that step's window, opens the shard there (a header seek in a plain tar; a compressed token
+shard is decompressed up to there, at most one shard) and reads at most one window of raw
 samples it does not decode, whatever the position. Memory: one window of raw samples (plus sidecar
 members) per source and worker.
 """

@@ -1,14 +1,17 @@
-"""Read raw samples of one tar shard in order, starting at any sample, with webdataset's tar iteration.
+"""Read raw samples of one shard in order, starting at any sample, with webdataset's tar iteration.
 
 A `ShardReader` yields raw webdataset samples (dict: `__key__` plus member bytes, undecoded) of one
 shard from sample `start` on, and checks the shard against its manifest entry: sample count (a shard
-that ends early or runs long is an error), tar structure, and, when `verify` is on, the sha256.
+that ends early or runs long is an error), tar structure, gzip length and CRC for a compressed (token)
+shard, and, when `verify` is on, the sha256.
 
-Design choice: members come from `webdataset.tariterators.tar_file_iterator` (so any URL `gopen` opens
-works: local files, `pipe:`, http, ...). To start at sample k of a local file, the reader walks the tar
-headers with seeks (512 bytes read per member, no data) and hands webdataset a file positioned at
-sample k's first header; for other URLs it reads past the skipped members without decoding them (a
-stream cannot seek). Either way resume cost is bounded by one shard, never by the stream position.
+Design choice: members come from `webdataset.tariterators.tar_file_iterator` and are grouped by
+webdataset's `group_by_keys` (both through `format.read_samples`, the one grouping rule), so any URL
+`gopen` opens works: local files, `pipe:`, http, .... To start at sample k of a local plain tar (a
+sidecar shard), the reader walks the tar headers with seeks (512 bytes read per member, no data) and
+hands webdataset a file positioned at sample k's first header. A gzip-compressed token shard cannot
+seek, nor can a stream: the reader decompresses and skips the members before sample k without
+decoding them. Either way resume cost is bounded by one shard, never by the stream position.
 Verification costs a full extra read of each shard once per process.
 """
 from __future__ import annotations
@@ -19,9 +22,9 @@ import tarfile
 from pathlib import Path
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
-from tokenization.format import ShardFormatError
+from tokenization.format import ShardFormatError, is_compressed, read_samples
 
 _VERIFIED: set[str] = set()
 _META = re.compile(r"__[^/]*__($|/)")  # members webdataset's tar_file_iterator skips; never counted
@@ -75,8 +78,8 @@ class ShardReader:
         self._samples = self._iterate(start)
 
     def _open(self, start: int):
-        """(stream, index of its first sample) — positioned at `start` when the file is local."""
-        if start > 0 and is_local(self.url):
+        """(stream, index of its first sample) — positioned at `start` when the file is a local plain tar."""
+        if start > 0 and is_local(self.url) and not is_compressed(self.url):
             offset = _header_offset(self.url, start, where=self.where)
             stream = open(self.url, "rb")  # noqa: SIM115 - closed by _iterate's finally
             stream.seek(offset)
@@ -97,30 +100,9 @@ class ShardReader:
             return state["index"] >= start
 
         try:
-            yield from self._group(tar_file_iterator(stream, select_files=keep))
-        except ShardFormatError:
-            raise
-        except (OSError, EOFError, ValueError, tarfile.TarError, AssertionError) as err:
-            raise ShardFormatError(f"{self.where}: unreadable tar ({type(err).__name__}: {err}); "
-                                   f"truncated or corrupt") from None
+            yield from read_samples(stream, compressed=is_compressed(self.url), where=self.where, select=keep)
         finally:
             stream.close()
-
-    def _group(self, members):
-        sample = None
-        for member in members:
-            key, suffix = base_plus_ext(member["fname"])
-            if key is None:
-                raise ShardFormatError(f"{self.where}: member {member['fname']!r} has no key.extension name")
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            if suffix in sample:
-                raise ShardFormatError(f"{self.where}: sample {key!r} has member {suffix!r} twice")
-            sample[suffix] = member["data"]
-        if sample is not None:
-            yield sample
 
     def take(self, count: int) -> list[dict]:
         """The next `count` raw samples; checks the shard ends where the manifest says."""

@@ -2,10 +2,11 @@
 
 A `ShardSet` is one folder (local path or any URL webdataset opens) with its manifest. A sidecar is a
 second shard set written from a token-shard set (the teacher cache): one shard per token shard with
-the same name stem, the same `__key__`s in the same order, the same tokenizer fingerprint, and
-`extra["source_shards"]`: {token shard name: sha256 of that token shard}. The join is checked up
-front against the manifests (missing shard, different sample count, foreign source sha256, other
-tokenizer) and per sample while reading (key by key), and every mismatch names the shard and key.
+the same name stem (`NAME.tar` beside the token shard `NAME.tar.gz`), the same `__key__`s in the same
+order, the same tokenizer fingerprint, and `extra["source_shards"]`: {token shard name: sha256 of that
+token shard}. The join is checked up front against the manifests (missing shard, different sample
+count, foreign source sha256, other tokenizer) and per sample while reading (key by key), and every
+mismatch names the shard and key.
 
 Design choice: the dataset fingerprint covers what decides the samples' contents and order (every
 shard's name, count and sha256, the tokenizer fingerprint, seq_len), not the sidecars, so a resumed
@@ -23,7 +24,7 @@ from pathlib import Path
 from webdataset.gopen import gopen
 
 from pipeline.data.shards import is_local, shard_url
-from tokenization.format import MANIFEST_NAME, Manifest, ShardFormatError, read_manifest
+from tokenization.format import MANIFEST_NAME, Manifest, ShardFormatError, read_manifest, shard_stem
 
 SOURCE_SHARDS = "source_shards"
 
@@ -47,7 +48,8 @@ def load_manifest(location: str) -> Manifest:
 
 
 def stem(name: str) -> str:
-    return name.removesuffix(".tar")
+    """`00000-00001` of a token shard `00000-00001.tar.gz` and of its sidecar shard `00000-00001.tar`."""
+    return shard_stem(name)
 
 
 @dataclass

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_truncated_shard_in_a_loader_worker_is_one_message_naming_it(tmp_path):
     tokens = tmp_path / "tokens"
     make_token_shards(tokens, [12, 12], seq_len=16, vocab_size=300)
-    for shard in sorted(tokens.glob("*.tar")):  # both, whichever the order reads first
-        shard.write_bytes(shard.read_bytes()[:3000])  # cut inside the third sample's members
+    for shard in sorted(tokens.glob("*.tar.gz")):  # both, whichever the order reads first
+        data = shard.read_bytes()
+        shard.write_bytes(data[:len(data) // 2])  # cut inside the gzip stream, mid-shard
     overrides = student_overrides(tmp_path / "run", tokens, steps=4) + ["data.num_workers=2"]
     done = subprocess.run([sys.executable, "-m", "pipeline", "train", *overrides], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -29,4 +30,4 @@ def test_truncated_shard_in_a_loader_worker_is_one_message_naming_it(tmp_path):
     assert "Traceback" not in done.stderr and "DataLoader worker" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1, done.stderr[-3000:]
-    assert re.search(rf"shard-00000[01]\.tar of {re.escape(str(tokens))}: .*truncated", errors[0]), errors[0]
+    assert re.search(rf"shard-00000[01]\.tar\.gz of {re.escape(str(tokens))}: .*truncated", errors[0]), errors[0]

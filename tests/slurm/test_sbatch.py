@@ -93,7 +93,7 @@ def test_tokenize_and_cache_jobs_write_outputs_that_verify(pipeline_dirs):
     for shards in ("train", "heldout"):
         checked = _distill("verify-shards", str(folder / shards))
         assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert len(list((folder / "train").glob("*.tar"))) >= 3
+    assert len(list((folder / "train").glob("*.tar.gz"))) >= 3
     for cache, tokens in (("cache", "train"), ("cache_heldout", "heldout")):
         checked = _distill("verify-cache", str(folder / cache), "--tokens", str(folder / tokens),
                            "--teacher", str(folder / "teacher"), "--positions", "32")

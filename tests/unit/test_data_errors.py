@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from pipeline.data import ResumableLoader, Source, TokenShardDataset
 from tests.shardmaker import make_sidecar, make_token_shards
+from tests.tokenization_corpus import write_members
 from tokenization.format import ShardFormatError
 
 SIZES = [5, 8, 3]
@@ -48,9 +48,9 @@ def test_sidecar_errors_name_shard_and_key(tokens, tmp_path):
     make_sidecar(tmp_path / "missing", manifest, skip_shard=1)
     with pytest.raises(ShardFormatError, match="no shard for token shard shard-000001.tar"):
         build(folder, {"t": str(tmp_path / "missing")})
-    foreign = {e.name: e.sha256 for e in manifest.shards} | {"shard-000002.tar": "0" * 64}
+    foreign = {e.name: e.sha256 for e in manifest.shards} | {"shard-000002.tar.gz": "0" * 64}
     make_sidecar(tmp_path / "foreign", manifest, sources=foreign)
-    with pytest.raises(ShardFormatError, match="made from token shard shard-000002.tar with sha256 0000"):
+    with pytest.raises(ShardFormatError, match="made from token shard shard-000002.tar.gz with sha256 0000"):
         build(folder, {"t": str(tmp_path / "foreign")})
     make_sidecar(tmp_path / "tokenizer", manifest, fingerprint="e" * 64)
     with pytest.raises(ShardFormatError, match="tokenizer fingerprint eeee"):
@@ -63,38 +63,40 @@ def test_sidecar_errors_name_shard_and_key(tokens, tmp_path):
         read_all(build(folder, {"t": str(tmp_path / "keys")}, max_epochs=1))
 
 
-def test_truncated_tar_names_the_shard(tokens):
+def test_truncated_shard_names_the_shard(tokens):
     folder, _ = tokens
-    path = folder / "shard-000001.tar"
+    path = folder / "shard-000001.tar.gz"
     data = path.read_bytes()
-    # a member is a 512-byte header and 512 bytes of .npy; a sample is two members
-    for cut, message in [(512 * 9, "unreadable tar"), (2048 * 3, "ends after 3 samples"),
-                         (2048 * 3 + 1024, "sample 'shard-000001-000003' has no member")]:
+    # gzip's length and CRC trailer: a cut anywhere, even one that leaves every sample readable, is caught
+    for cut in (len(data) // 3, len(data) - 8, len(data) - 1):
         path.write_bytes(data[:cut])
-        with pytest.raises(ShardFormatError, match=f"shard-000001.tar.*{message}"):
+        with pytest.raises(ShardFormatError, match="shard-000001.tar.gz.*truncated or corrupt"):
             read_all(build(folder, max_epochs=1))
 
 
-def test_bad_member_and_count_mismatch_name_the_shard(tokens, tmp_path):
+def test_bad_members_and_count_mismatch_name_the_shard(tokens, tmp_path):
     folder, manifest = tokens
-    path = folder / "shard-000002.tar"
-    with tarfile.open(path, "w") as tar:  # same keys, one member that is not an .npy
-        for offset in range(3):
-            for member in ("tokens.npy", "segments.npy"):
-                blob = b"not an npy file" if (offset, member) == (1, "tokens.npy") else _member(manifest, member)
-                info = tarfile.TarInfo(f"shard-000002-{offset:06d}.{member}")
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    with pytest.raises(ShardFormatError, match="shard-000002.tar.*'shard-000002-000001' has an undecodable"):
-        read_all(build(folder, max_epochs=1))
+    path = folder / "shard-000002.tar.gz"
+    members = [(f"shard-000002-{offset:06d}.{member}", _member(manifest, member))
+               for offset in range(3) for member in ("tokens.npy", "segments.npy")]
+    for damaged, message in [
+            (members[:2] + [(members[2][0], b"not an npy file")] + members[3:],
+             "'shard-000002-000001' has an undecodable"),
+            (members[:5], "sample 'shard-000002-000002' has no member 'segments.npy'"),
+            (members[:1] + members[:1] + members[1:], "sample 'shard-000002-000000' has member "
+                                                      "'shard-000002-000000.tokens.npy' twice"),
+            (members[:2] + [("shard-000002-000001", b"")] + members[2:], "member 'shard-000002-000001' has no KEY")]:
+        write_members(path, damaged)
+        with pytest.raises(ShardFormatError, match=f"shard-000002.tar.gz.*{message}"):
+            read_all(build(folder, max_epochs=1))
     raw = json.loads((folder / "manifest.json").read_text())
     raw["shards"][0]["samples"] = 6
     (folder / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardFormatError, match="shard-000000.tar.*ends after 5 samples"):
+    with pytest.raises(ShardFormatError, match="shard-000000.tar.gz.*ends after 5 samples"):
         build(folder, shuffle=False).batch(2)
     raw["shards"][0]["samples"] = 4
     (folder / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardFormatError, match="shard-000000.tar.*past the manifest's 4 samples"):
+    with pytest.raises(ShardFormatError, match="shard-000000.tar.gz.*past the manifest's 4 samples"):
         build(folder, shuffle=False).batch(0)
 
 
@@ -111,19 +113,19 @@ def test_missing_shard_file_names_the_shard(tokens, tmp_path):
     (tmp_path / "side" / "shard-000002.tar").unlink()
     with pytest.raises(ShardFormatError, match="sidecar .*shard-000002.tar.*cannot open"):
         read_all(build(folder, {"t": str(tmp_path / "side")}, max_epochs=1))
-    (folder / "shard-000001.tar").unlink()
-    with pytest.raises(ShardFormatError, match="shard shard-000001.tar .*cannot open"):
+    (folder / "shard-000001.tar.gz").unlink()
+    with pytest.raises(ShardFormatError, match="shard shard-000001.tar.gz .*cannot open"):
         read_all(build(folder, max_epochs=1))
 
 
 def test_checksum_mismatch_when_verifying(tokens):
     folder, _ = tokens
-    path = folder / "shard-000000.tar"
+    path = folder / "shard-000000.tar.gz"
     data = bytearray(path.read_bytes())
-    data[-1024 - 1] ^= 1  # a byte of padding: the tar still reads, only the checksum can tell
+    data[9] ^= 1  # gzip's operating-system byte, outside its CRC: the shard still reads, only the sha256 can tell
     path.write_bytes(bytes(data))
     read_all(build(folder, max_epochs=1))
-    with pytest.raises(ShardFormatError, match="shard-000000.tar.*sha256 .* does not match"):
+    with pytest.raises(ShardFormatError, match="shard-000000.tar.gz.*sha256 .* does not match"):
         read_all(build(folder, max_epochs=1, verify=True))
 
 
@@ -132,7 +134,13 @@ def test_unknown_manifest_version(tokens):
     raw = json.loads((folder / "manifest.json").read_text())
     raw["format_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardFormatError, match="format_version 99 is not supported"):
+    with pytest.raises(ShardFormatError, match=f"{folder}: its shards are format_version 99, this version reads "
+                                               f"format_version 2 only; it was written by a newer version"):
+        build(folder)
+    raw["format_version"] = 1
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ShardFormatError, match=f"{folder}: its shards are format_version 1, this version reads "
+                                               f"format_version 2 only; re-run `distill tokenize shard`"):
         build(folder)
     with pytest.raises(ShardFormatError, match="manifest.json: missing"):
         build(Path(folder) / "nowhere")

@@ -68,7 +68,7 @@ def test_a_file_without_documents_is_named_and_no_manifest_written(setup, tmp_pa
     records = [json.loads(p.read_text()) for p in (out / "_progress").glob("0*.json")]
     if split == "0":  # the blank file's part left no done record and no shard; the good file's part is kept
         assert [r["input"] for r in records] == [str(good)]
-        assert {p.name[:5] for p in out.glob("*.tar")} == {"00000"}
+        assert {p.name[:5] for p in out.glob("*.tar.gz")} == {"00000"}
     else:
         assert len(records) > 2 and all(r["documents"] == 0 for r in records if r["input"] == str(blank))
 
@@ -82,4 +82,4 @@ def test_too_little_text_for_one_sample_is_an_error(setup, tmp_path, capsys):
                  "--seq-len", "64", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{out}: the input holds" in err and "too few for one sample of seq_len + 1 = 65 tokens" in err
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar.gz"))

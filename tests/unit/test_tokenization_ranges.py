@@ -72,7 +72,7 @@ def test_ranges_one_after_the_other_equal_one_run(corpus, tmp_path, capsys):
     said = capsys.readouterr().out
     assert "tokenized parts 0-1 of 5; 3 parts still missing" in said and "the manifest is written by" in said
     assert not (out / "manifest.json").exists()
-    assert sorted(p.name for p in out.glob("*.tar")) and all(p.name < "00002" for p in out.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar.gz")) and all(p.name < "00002" for p in out.glob("*.tar.gz"))
     assert main(_args(inputs, tok, out, "--files=2:3")) == 0
     assert "tokenized part 2 of 5; 2 parts still missing" in capsys.readouterr().out
     assert not (out / "manifest.json").exists()
@@ -117,10 +117,10 @@ def test_range_beyond_the_files_does_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_args(inputs, tok, out, "--files", "5:8")) == 0
     assert "no parts in range 5:8 (5 parts); 5 parts still missing" in capsys.readouterr().out
-    assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tar.gz")) and not (out / "manifest.json").exists()
     assert shard_corpus([str(inputs / "*.txt")], tok, out, seq_len=32, txt_mode="blocks", shard_max_samples=20,
                         progress=False, part_range=(2, 2)) is None
-    assert not list(out.glob("*.tar")) and not list((out / PROGRESS_DIR).glob("0*.json"))
+    assert not list(out.glob("*.tar.gz")) and not list((out / PROGRESS_DIR).glob("0*.json"))
 
 
 @pytest.mark.parametrize("bad", ["3:1", "-1:2", "1", "a:b", "1:2:3"])
@@ -133,7 +133,7 @@ def test_bad_ranges_are_errors(corpus, tmp_path, capsys, bad):
     assert status == 2
     err = capsys.readouterr().err
     assert ("expected 0 ≤ START ≤ STOP" in err) if bad in ("3:1", "-1:2") else ("expected START:STOP" in err)
-    assert not list(tmp_path.glob("out/*.tar"))
+    assert not list(tmp_path.glob("out/*.tar.gz"))
     with pytest.raises(TokenizationError, match="part range 3:1"):
         shard_corpus([str(inputs / "*.txt")], tok, tmp_path / "api", seq_len=32, part_range=(3, 1), progress=False)
 

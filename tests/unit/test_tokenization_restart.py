@@ -57,7 +57,7 @@ def test_sigkill_then_rerun_gives_the_same_manifest_and_shards(corpus):
     proc = subprocess.Popen(_command(inputs, tok, workers=2), cwd=killed, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while len(list((killed / "out").glob("*.tar"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while len(list((killed / "out").glob("*.tar.gz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the command and its pool workers, as a preemption would
     proc.wait()

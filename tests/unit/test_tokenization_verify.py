@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from pipeline.cli import main
-from tests.tokenization_corpus import make_documents, write_blocks
+from tests.tokenization_corpus import make_documents, write_blocks, write_members
 from tokenization import format as fmt
 from tokenization.shards import shard_corpus
 from tokenization.tokenizer import train_tokenizer
@@ -39,34 +39,39 @@ def test_clean_folder_passes_and_the_cli_says_so(shards, capsys):
 
 
 def test_deleted_shard_and_unlisted_shard(shards, capsys):
-    (shards / "00000-00001.tar").rename(shards / "stray.tar")
-    assert verify_shards(shards) == [f"{shards / 'stray.tar'}: shard not listed in the manifest",
-                                     f"{shards / '00000-00001.tar'}: missing (listed in the manifest)"]
+    (shards / "00000-00001.tar.gz").rename(shards / "stray.tar.gz")
+    assert verify_shards(shards) == [f"{shards / 'stray.tar.gz'}: shard not listed in the manifest",
+                                     f"{shards / '00000-00001.tar.gz'}: missing (listed in the manifest)"]
     assert main(["verify-shards", str(shards)]) == 1
-    assert "00000-00001.tar: missing" in capsys.readouterr().out
+    assert "00000-00001.tar.gz: missing" in capsys.readouterr().out
 
 
-def test_truncated_tar(shards):
-    path = shards / "00001-00000.tar"
-    path.write_bytes(path.read_bytes()[:3000])
+def test_truncated_shard(shards):
+    path = shards / "00001-00000.tar.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
     problems = verify_shards(shards)
     assert any(p.startswith(f"{path}: sha256 differs") for p in problems)
-    assert any(p.startswith(f"{path}: truncated or corrupt tar") for p in problems)
+    assert any(p.startswith(f"{path}: truncated or corrupt") for p in problems)
 
 
-def test_tar_cut_at_a_member_boundary(shards):
-    path = shards / "00001-00000.tar"
-    path.write_bytes(path.read_bytes()[:512 * 4])
-    assert f"{path}: truncated or corrupt tar (no end-of-archive blocks)" in verify_shards(shards)
+@pytest.mark.parametrize("cut", [4, 8])
+def test_shard_cut_inside_the_gzip_trailer(shards, cut):
+    """Every sample is still readable: only gzip's length and CRC trailer tells the file is cut."""
+    path = shards / "00001-00000.tar.gz"
+    path.write_bytes(path.read_bytes()[:-cut])
+    problems = verify_shards(shards)
+    assert [p.split(" (")[0] for p in problems if not p.startswith(f"{path}: sha256")] == \
+        [f"{path}: truncated or corrupt"]
 
 
-def test_flipped_byte_is_a_sha256_mismatch(shards):
-    path = shards / "00000-00002.tar"
+def test_flipped_header_byte_is_only_a_sha256_mismatch(shards):
+    path = shards / "00000-00002.tar.gz"
     data = bytearray(path.read_bytes())
-    data[700] ^= 1
+    data[9] ^= 1  # gzip's operating-system byte: outside the CRC, the shard still reads
     path.write_bytes(bytes(data))
-    assert [p.split(":")[0:2] for p in verify_shards(shards)] == [[str(path), " sha256 differs from the manifest's " +
-                                                                  fmt.read_manifest(shards).shards[2].sha256[:16] + "…"]]
+    expected = fmt.read_manifest(shards).shards[2].sha256[:16]
+    assert verify_shards(shards) == [f"{path}: sha256 differs from the manifest's {expected}…"]
 
 
 def test_count_mismatch_duplicate_key_and_undecodable_sample(shards):
@@ -76,15 +81,33 @@ def test_count_mismatch_duplicate_key_and_undecodable_sample(shards):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     import webdataset as wds
 
-    copy = shards / "00001-00000.tar"
-    sample = next(iter(wds.WebDataset(str(shards / "00000-00000.tar"), shardshuffle=False)))
-    with wds.TarWriter(str(copy), encoder=False) as writer:
+    copy = shards / "00001-00000.tar.gz"
+    sample = next(iter(wds.WebDataset(str(shards / "00000-00000.tar.gz"), shardshuffle=False)))
+    with open(copy, "wb") as file, fmt.ShardWriter(file) as writer:
         writer.write({"__key__": sample["__key__"], "tokens.npy": sample["tokens.npy"], "segments.npy": b"junk"})
     problems = verify_shards(shards)
-    assert any("00000-00000.tar: 10 readable samples, the manifest lists 11" in p for p in problems)
-    assert any("00000-00001.tar: " in p and "tokens, the manifest lists" in p for p in problems)
-    assert any(f"00001-00000.tar: duplicate key {sample['__key__']!r}" in p for p in problems)
-    assert any("00001-00000.tar: sample" in p and "undecodable member" in p for p in problems)
+    assert any("00000-00000.tar.gz: 10 readable samples, the manifest lists 11" in p for p in problems)
+    assert any("00000-00001.tar.gz: " in p and "tokens, the manifest lists" in p for p in problems)
+    assert any(f"00001-00000.tar.gz: duplicate key {sample['__key__']!r}" in p for p in problems)
+    assert any("00001-00000.tar.gz: sample" in p and "undecodable member" in p for p in problems)
+
+
+def test_member_twice_in_a_sample_names_shard_and_key(shards):
+    path = shards / "00001-00000.tar.gz"
+    key = "00001-000000000"
+    write_members(path, [(f"{key}.tokens.npy", b"a"), (f"{key}.tokens.npy", b"b"), (f"{key}.segments.npy", b"c")])
+    problems = [p for p in verify_shards(shards) if p.startswith(f"{path}: ") and "sha256" not in p]
+    assert problems == [f"{path}: sample {key!r} has member '{key}.tokens.npy' twice"]
+
+
+def test_old_format_folder_is_refused_with_what_to_do(shards, capsys):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_shards(shards) == [f"{shards}: its shards are format_version 1, this version reads format_version "
+                                     f"2 only; re-run `distill tokenize shard` (same inputs and options) into a fresh "
+                                     f"folder to rewrite it"]
+    assert main(["verify-shards", str(shards)]) != 0
 
 
 def test_unreadable_manifest_is_one_problem_and_missing_folder_exits_2(shards, tmp_path, capsys):
