@@ -308,15 +308,20 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: the file appears whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _synced_temporary(path: Path, data: bytes) -> Path:
+    """`data` written and fsynced under a name private to this process and thread, beside `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: the file appears whole or not at all."""
+    path = Path(path)
+    os.replace(_synced_temporary(path, data), path)
     fsync_dir(path.parent)
 
 
@@ -329,11 +334,7 @@ def create_once(path: str | os.PathLike, data: bytes) -> bool:
     settings are then not caught).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _synced_temporary(path, data)
     try:
         os.link(tmp, path)
         created = True
