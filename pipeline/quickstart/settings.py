@@ -86,7 +86,7 @@ class RunLengthConfig:
 class TeacherRunConfig(RunLengthConfig):
     """The teacher's plain next-token training run."""
 
-    steps: int = setting(500, "Optimizer steps.", positive)
+    steps: int = setting(400, "Optimizer steps.", positive)
 
 
 @dataclass(frozen=True)
