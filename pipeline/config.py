@@ -72,10 +72,20 @@ class LossConfig:
         None, "Token rows the loss processes at a time; null picks it so that one chunk's vocabulary-wide "
               "temporary is about 32 MiB. Smaller lowers peak memory; larger means fewer kernel launches "
               "and collectives.", positive)
+    kl_warmup_steps: int = setting(
+        0, "Optimizer steps at the start that minimise forward KL instead of `divergence` (same targets, "
+           "temperature and ce_weight), then switch. rkl, js and tvd give a logit gradient proportional to the "
+           "student's own probability, so a student far from its teacher learns little from them where it "
+           "under-predicts; a short KL phase brings it near first. 0: `divergence` from the first step.",
+        at_least(0))
     target_mode: Literal["tail", "renorm"] = setting(
         "tail", "How sparse top-k teacher targets are compared. tail adds a rest-of-vocabulary bucket to both "
                 "sides: the exact divergence of the coarsened distributions, a lower bound of the full one. "
                 "renorm renormalises both over the k ids: the common but biased practice, for comparison.")
+
+    def __post_init__(self) -> None:
+        if self.kl_warmup_steps and self.divergence == "ce":
+            raise ConfigError("kl_warmup_steps", "needs a teacher: divergence is ce (labels only); set it to 0")
 
     def divergence_params(self) -> dict[str, float]:
         """The divergence-specific keyword arguments `distill_loss` takes for this divergence."""

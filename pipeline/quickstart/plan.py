@@ -51,6 +51,11 @@ class StudentRun:
     cache: str  # "" for the CE baseline
     label: str
     ce_weight: float = 0.0
+    kl_warmup_steps: int = 0
+
+    def loss(self) -> dict:
+        """The run's loss section."""
+        return {"divergence": self.divergence, "ce_weight": self.ce_weight, "kl_warmup_steps": self.kl_warmup_steps}
 
 
 def resolve_inputs(patterns: list[str], key: str) -> list[str]:
@@ -69,8 +74,11 @@ def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
     """The CE baseline, one top-K student per divergence, and the sampled-target student."""
     runs = [StudentRun(BASELINE, "ce", "", "CE on labels (baseline)")]
     mix = f" + {cfg.ce_weight:g}·CE" if cfg.ce_weight else ""
-    runs += [StudentRun(name, name, "train_topk", f"{name.upper()} to top-{cfg.cache.k}{mix}", cfg.ce_weight)
-             for name in cfg.divergences]
+    for name in cfg.divergences:
+        warm = 0 if name == "kl" else min(cfg.kl_warmup_steps, cfg.student_run.steps)
+        after = f", after {warm} steps of KL" if warm else ""
+        runs.append(StudentRun(name, name, "train_topk", f"{name.upper()} to top-{cfg.cache.k}{mix}{after}",
+                               cfg.ce_weight, warm))
     if cfg.sampled:
         runs.append(StudentRun(SAMPLED, "kl", "train_sampled", f"KL to {cfg.cache.draws} samples"))
     return runs
@@ -89,7 +97,7 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
                "--out", str(tokenizer)]),
         _shard_stage("shards_train", "training", train_files, tokenizer, data / "train", cfg, workers),
         _shard_stage("shards_heldout", "held-out", heldout_files, tokenizer, data / "heldout", cfg, workers),
-        _train_stage(cfg, out, TEACHER, "ce", "", "the teacher on labels (plain next-token CE)"),
+        _train_stage(cfg, out, TEACHER, {"divergence": "ce"}, "", "the teacher on labels (plain next-token CE)"),
         Stage("teacher_export", "export the teacher as a Hugging Face folder",
               ["export", "--checkpoint", str(out / "runs" / TEACHER), "--out", str(out / "teacher_hf"),
                "--force"]),
@@ -98,7 +106,7 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
     ]
     if cfg.sampled:
         stages.append(_cache_stage(cfg, out, "train_sampled", "train", "sampled"))
-    stages += [_train_stage(cfg, out, run.name, run.divergence, run.cache, f"student: {run.label}", run.ce_weight)
+    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}")
                for run in student_runs(cfg)]
     pick = pick_student or (lambda: BASELINE)
     stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
@@ -114,17 +122,15 @@ def _shard_stage(name: str, what: str, files: list[str], tokenizer: Path, folder
                   "--seq-len", str(cfg.corpus.seq_len), "--workers", str(min(workers, len(files)))])
 
 
-def _train_stage(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str, title: str,
-                 ce_weight: float = 0.0) -> Stage:
+def _train_stage(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str, title: str) -> Stage:
     path = out / "configs" / f"train_{name}.yaml"
-    settings = train_settings(cfg, out, name, divergence, cache, ce_weight)
+    settings = train_settings(cfg, out, name, loss, cache)
     return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
                  {path: dump_yaml(settings)})
 
 
-def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str, cache: str,
-                   ce_weight: float = 0.0) -> TrainConfig:
-    """The train config of one quickstart run (the teacher when name is TEACHER)."""
+def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str) -> TrainConfig:
+    """The train config of one quickstart run (the teacher when name is TEACHER); `loss` its loss section."""
     teacher = name == TEACHER
     size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
     every = max(1, run.steps // run.evals)
@@ -138,7 +144,7 @@ def train_settings(cfg: QuickstartConfig, out: Path, name: str, divergence: str,
                   "intermediate_size": size.intermediate_size, "num_layers": size.num_layers,
                   "num_heads": size.num_heads, "max_position_embeddings": cfg.corpus.seq_len},
         "compute": {"vocab_multiple": 64},
-        "loss": {"divergence": divergence, "ce_weight": ce_weight},
+        "loss": loss,
         "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},
         "schedule": {"steps": run.steps, "micro_batch": run.micro_batch},
         "checkpoint": {"every": every, "keep": 1},

@@ -119,6 +119,11 @@ class QuickstartConfig:
              "the other ids; the labels do. With 0 the top-K students match the teacher's head closely but never "
              "learn the tail, and their held-out perplexity is worse than CE's (measured: 327 against 190).",
         in_range(0, 1))
+    kl_warmup_steps: int = setting(
+        50, "Steps at the start of each rkl, js and tvd student that minimise forward KL to the same targets before "
+           "switching to its divergence (loss.kl_warmup_steps). Their logit gradients scale with the student's "
+           "own probability, so a student far from its teacher learns little from them where it under-predicts.",
+        at_least(0))
     sampled: bool = setting(True, "Also train one student with forward KL alone on the sampled cache (unbiased "
                                   "for the whole distribution, tail included, so it needs no labels).")
     eval_batches: int = setting(16, "Held-out micro-batches per evaluation.", positive)

@@ -80,10 +80,16 @@ class StudentStep:
 
     def __init__(self, cfg: TrainConfig, ctx: ParallelContext, engine, targets):
         self.cfg, self.ctx, self.engine, self.targets = cfg, ctx, engine, targets
-        self.loss_kwargs = dict(divergence=cfg.loss.divergence, tp_group=ctx.tp_group,
-                                temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
-                                chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size,
-                                **cfg.loss.divergence_params())
+        common = dict(tp_group=ctx.tp_group, temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
+                      chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
+        self.loss_kwargs = dict(divergence=cfg.loss.divergence, **common, **cfg.loss.divergence_params())
+        self.warmup_kwargs = dict(divergence="kl", **common)  # loss.kl_warmup_steps: forward KL first
+
+    def step_loss_kwargs(self) -> dict:
+        """`distill_loss`'s settings for the coming optimizer step: forward KL during loss.kl_warmup_steps (the
+        engine's step counter is restored on resume, so a resumed run switches at the same step)."""
+        warm = self.engine.global_steps < self.cfg.loss.kl_warmup_steps
+        return self.warmup_kwargs if warm else self.loss_kwargs
 
     def forward(self, batch: dict, *, targets=True):
         """(logits [B, S, Vl], labels [B, S], the mask [B, S] of positions that count, the batch's teacher
@@ -99,10 +105,10 @@ class StudentStep:
     def run(self, micro_batches: list) -> StepResult:
         sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
         skipped_before, lr = self.engine.skipped_steps, self.engine.get_lr()[0]
-        shares = self._token_shares(micro_batches)
+        shares, loss_kwargs = self._token_shares(micro_batches), self.step_loss_kwargs()
         for batch, share in zip(micro_batches, shares):
             logits, labels, mask, teacher = self.forward(batch)
-            out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **self.loss_kwargs)
+            out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **loss_kwargs)
             self.engine.backward(out.loss if share == 1.0 else out.loss * share)
             self.engine.step()
             count = out.num_tokens

@@ -57,6 +57,16 @@ def test_students_differ_only_in_their_loss(tmp_path):
     assert configs["js"].data.teacher_cache.endswith("train_topk")
 
 
+def test_kl_warmup_goes_to_the_bounded_and_reverse_students_only(tmp_path):
+    stages = build_plan(_config("kl_warmup_steps=7", "student_run.steps=5"), tmp_path)
+    configs = {s.name: _read_config(TrainConfig, s) for s in stages if s.command()[3] == "train"}
+    warm = {name: cfg.loss.kl_warmup_steps for name, cfg in configs.items()}
+    assert warm == {TEACHER: 0, "ce": 0, "kl": 0, "rkl": 5, "js": 5, "tvd": 5, SAMPLED: 0}  # clipped to the run
+    labels = {run.name: run.label for run in student_runs(_config("kl_warmup_steps=3"))}
+    assert labels["js"].endswith("after 3 steps of KL") and "KL" not in labels["kl"].split("to")[1]
+    assert all(run.kl_warmup_steps == 0 for run in student_runs(_config("kl_warmup_steps=0")))
+
+
 def test_cache_configs_follow_the_quickstart_config(tmp_path):
     stages = build_plan(_config("cache.k=8", "cache.draws=20"), tmp_path)
     caches = {s.name: _read_config(CacheConfig, s) for s in stages if s.command()[3] == "cache"}
