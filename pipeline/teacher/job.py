@@ -199,18 +199,21 @@ class CacheJob:
     def _targets(self, logits: torch.Tensor, keys: list[str], counts):
         """(key, target positions, sparse targets) per sample of a batch's logits [B, S, Vl]: (ids, logprobs,
         log_rest) for top-K, (ids, counts) for sampled, at the sample's first counts[b] positions only
-        (format.target_positions). A collective over the tp group: every tp rank iterates every sample."""
+        (format.target_positions). The real rows of the whole batch go through one collective call over the
+        tp group (every tp rank takes part), then are split per sample; padding rows are never computed."""
         targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
+        counts = [int(c) for c in counts]
+        real = torch.cat([logits[row, :count] for row, count in enumerate(counts)])  # [Σ counts, Vl]
+        if targets.mode == "topk":
+            found = topk_targets(real, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
+        else:
+            uniforms = torch.cat([key_uniforms(self.cfg.seed, key, logits.shape[1], targets.draws)[:count]
+                                  for key, count in zip(keys, counts)])
+            found = sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
+                                    vocab_size=vocab, group=group)
+        parts = [t.split(counts) for t in found]
         for row, key in enumerate(keys):
-            count = int(counts[row])
-            real = logits[row, :count]  # a view: padding positions get no target and cost nothing
-            if targets.mode == "topk":
-                yield key, count, topk_targets(real, k=targets.k, temperature=targets.temperature,
-                                               vocab_size=vocab, group=group)
-                continue
-            uniforms = key_uniforms(self.cfg.seed, key, logits.shape[1], targets.draws)[:count]
-            yield key, count, sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
-                                              vocab_size=vocab, group=group)
+            yield key, counts[row], tuple(part[row] for part in parts)
 
     def _encode(self, targets: tuple[torch.Tensor, ...], count: int) -> tuple[bytes, float]:
         """(codec record, information floor in bits) of one sample's targets at `count` positions."""
