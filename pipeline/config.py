@@ -21,7 +21,7 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
            "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
-           "ScheduleConfig", "TargetsConfig", "TrainConfig", "TrainDataConfig",
+           "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -172,6 +172,22 @@ class ComputeConfig:
     vocab_multiple: int = setting(
         128, "The vocabulary is padded to a multiple of vocab_multiple × tp, for kernel-friendly shapes and an "
              "even split over tensor-parallel ranks.", positive)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a model picks each next token when it generates (`distill generate`, teacher-sampled caches, risks)."""
+
+    mode: Literal["sample", "greedy"] = setting(
+        "sample", "sample = draw from softmax(logits/temperature), restricted by top_k and top_p; greedy = the "
+                  "most likely id (temperature, top_k and top_p unused).")
+    temperature: float = setting(1.0, "T dividing the logits before the softmax the draws come from.", positive)
+    top_k: int = setting(0, "Draw only among the k most likely ids (renormalised); 0 = no limit. f-DISTILL "
+                            "sampled its prefixes with top_k 30.", non_negative)
+    top_p: float = setting(1.0, "Nucleus: draw only among the most likely ids whose mass first reaches top_p "
+                                "(after top_k); 1 = no limit.", in_range(0, 1, low_open=True))
+    max_new_tokens: int = setting(128, "Most tokens generated per prompt; generation stops earlier at EOS.",
+                                  positive)
 
 
 @dataclass(frozen=True)

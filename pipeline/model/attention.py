@@ -4,7 +4,9 @@ This module is what megatron-core's `SelfAttention` calls after the QKV projecti
 embedding (its `core_attention` slot): `[S, B, heads, D]` queries, `[S, B, kv_heads, D]` keys and
 values of this TP rank in, `[S, B, heads·D]` out. It is causal, grouped-query (key/value heads shared
 by `heads / kv_heads` consecutive query heads, the Hugging Face convention), optionally sliding-window
-(Mistral), and optionally blocked at document boundaries inside a packed sample.
+(Mistral), and optionally blocked at document boundaries inside a packed sample. While a generation
+KV cache is attached (`pipeline/generate/kv_cache.py`), the new keys and values go to the cache and the
+queries attend over all of it there.
 
 Document boundaries travel through megatron's `attention_mask` argument as document ids `[B, S]`
 (int, equal within a document); megatron passes that tensor through untouched. SDPA turns them into
@@ -91,11 +93,14 @@ class CoreAttention(MegatronModule):
         self.sliding_window = sliding_window
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.kv_cache = None  # a pipeline.generate.kv_cache.LayerCache while a decoder has its cache attached
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("CoreAttention takes neither attention_bias nor packed_seq_params")
+        if self.kv_cache is not None:
+            return self.kv_cache.attend(query, key, value, self.scale, self.sliding_window)
         seq_len, batch = query.shape[:2]
         dropout = self.dropout if self.training else 0.0
         if self.backend == "flash":

@@ -134,15 +134,21 @@ class LlamaGPT(GPTModel):
             return None
         return document_ids_from_segments(segments.to(self.embedding.word_embeddings.weight.device), seq_len)
 
-    def forward(self, tokens: Tensor, document_ids: Optional[Tensor] = None, **unused) -> Tensor:
+    def forward(self, tokens: Tensor, document_ids: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+                **unused) -> Tensor:
         """`[B, S, Vl]` logits of this TP rank's vocabulary slice for tokens `[B, S]`.
 
         With `document_ids` `[B, S]` (equal within a document, see `document_ids_from_segments`),
-        attention stops at document boundaries and positions restart at each document.
+        attention stops at document boundaries and positions restart at each document. `positions`
+        `[B, S]` gives each token's rotary position instead (incremental decoding: the new tokens of
+        left-padded rows); it excludes `document_ids`.
         """
         if unused:
-            raise TypeError(f"LlamaGPT.forward takes tokens and document_ids, not {sorted(unused)}")
-        positions = None if document_ids is None else document_positions(document_ids)
+            raise TypeError(f"LlamaGPT.forward takes tokens, document_ids and positions, not {sorted(unused)}")
+        if positions is not None and document_ids is not None:
+            raise TypeError("LlamaGPT.forward takes document_ids or positions, not both")
+        if positions is None and document_ids is not None:
+            positions = document_positions(document_ids)
         self.rotary_pos_emb.set_positions(positions)
         try:
             return super().forward(input_ids=tokens, position_ids=positions, attention_mask=document_ids)

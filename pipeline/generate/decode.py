@@ -1,0 +1,158 @@
+"""Batched incremental decoding of a `LlamaGPT` at any TP size: prompts in, continuations out.
+
+`Decoder` owns one KV cache (`kv_cache.py`) for a batch: `prefill` runs the left-padded prompts through
+the model once, then each `step` feeds one new token per row and returns the next logits `[B, Vl]`
+of this rank's vocabulary slice. `generate` drives it: pick each row's next token (`sampling.py`), stop
+a row at EOS or after `max_new_tokens`, and drop finished rows from the batch and the cache so that
+the remaining rows do not pay for them. Each row's draws come from uniforms seeded by
+(seed, the row's key), indexed by the step, so a row generates the same tokens whatever batch it is
+in, on a rerun and at every TP size.
+
+A ZeRO-3-partitioned model (a DeepSpeed engine's module) has its parameters gathered once for the
+whole call (`deepspeed.zero.GatheredParameters`), not once per token; the cost is the full model's
+parameters on each rank for the duration of the call.
+
+Design choice: left padding, so every row's next token lands on the same cache slot and a step is one
+forward over `[B, 1]`; the cost is that the prompts' padding slots take cache memory and prefill
+compute (a batch of very unequal prompts wastes up to `B × (longest − shortest)` slots).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.config import SamplingConfig
+from pipeline.generate.kv_cache import KVCache
+from pipeline.generate.sampling import next_tokens
+
+PAD_ID = 0  # what padding slots hold; never attended, any valid id would do
+
+
+def draw_uniforms(seed: int, key: str, count: int) -> Tensor:
+    """[count] float64 uniforms for the draws of the row `key`: the same on every rank and every rerun."""
+    digest = hashlib.sha256(f"generate\0{seed}\0{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.rand(count, generator=generator, dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model):
+    """The model's full parameters for the block: ZeRO-3 partitions gathered once, anything else as it is."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+class Decoder:
+    """Incremental forward passes of `model` over one batch; see the module docstring."""
+
+    def __init__(self, model, prompts: Sequence[Tensor], max_new_tokens: int):
+        if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("prompts: expected one or more non-empty 1-D token tensors")
+        self.model = model
+        self.device = model.embedding.word_embeddings.weight.device
+        self.lengths = torch.tensor([p.numel() for p in prompts], device=self.device)
+        self.width = int(self.lengths.max())
+        self.cache = KVCache(model, len(prompts), self.width + max_new_tokens)
+        self.prompts = prompts
+        self.next_position = self.lengths.clone()
+
+    def _forward(self, tokens: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        self.cache.begin(valid)
+        with self.cache.attached():
+            logits = self.model(tokens, positions=positions)
+        self.cache.finish()
+        return logits[:, -1]
+
+    def prefill(self) -> Tensor:
+        """[B, Vl] logits for each row's first new token, after its whole prompt."""
+        batch = len(self.prompts)
+        tokens = torch.full((batch, self.width), PAD_ID, dtype=torch.int64, device=self.device)
+        for row, prompt in enumerate(self.prompts):
+            tokens[row, self.width - prompt.numel():] = prompt.to(self.device)
+        pad = (self.width - self.lengths)[:, None]
+        slots = torch.arange(self.width, device=self.device)[None, :]
+        return self._forward(tokens, (slots - pad).clamp(min=0), slots >= pad)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """[B, Vl] logits after feeding one more token per row (`tokens` [B])."""
+        positions = self.next_position[:, None]
+        self.next_position = self.next_position + 1
+        return self._forward(tokens.to(self.device)[:, None], positions,
+                             torch.ones_like(positions, dtype=torch.bool))
+
+    def keep(self, rows: Tensor) -> None:
+        """Continue with `rows` (int64 indices into the current batch) only."""
+        rows = rows.to(self.device)
+        self.cache.keep(rows)
+        self.next_position = self.next_position[rows]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Each row's new tokens (ending with EOS where it stopped there) and whether it did."""
+
+    tokens: list[Tensor]
+    ended: list[bool]
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(t.numel() for t in self.tokens)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: SamplingConfig, *, vocab_size: int,
+             eos_id: Optional[int], seed: int = 0, group=None,
+             on_step: Optional[Callable[[int], None]] = None) -> Generation:
+    """Continuations of `prompts` (1-D int tensors) by `model` (this rank's TP slices, `group` its TP group).
+
+    `keys` name the rows (a sample's key): they seed the draws. `on_step(n)` is called with the number
+    of tokens each step added (for progress bars). Every rank of `group` returns the same tokens.
+    """
+    if len(keys) != len(prompts):
+        raise ValueError(f"keys: expected one per prompt ({len(prompts)}), got {len(keys)}")
+    steps = sampling.max_new_tokens
+    uniforms = torch.stack([draw_uniforms(seed, key, steps) for key in keys]) if keys else None
+    was_training = model.training
+    model.eval()
+    try:
+        with gathered_parameters(model):
+            return _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step) -> Generation:
+    steps = sampling.max_new_tokens
+    decoder = Decoder(model, prompts, steps)
+    out = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    active = torch.arange(len(prompts))
+    logits = decoder.prefill()
+    for step in range(steps):
+        chosen = next_tokens(logits, uniforms[active, step], sampling, vocab_size=vocab_size, group=group).cpu()
+        for row, token in zip(active.tolist(), chosen.tolist()):
+            out[row].append(token)
+        if on_step is not None:
+            on_step(len(active))
+        stop = chosen == eos_id if eos_id is not None else torch.zeros_like(chosen, dtype=torch.bool)
+        for row in active[stop].tolist():
+            ended[row] = True
+        if step + 1 == steps or bool(stop.all()):
+            break
+        if bool(stop.any()):
+            still = (~stop).nonzero().flatten()
+            decoder.keep(still)
+            active, chosen = active[still], chosen[still]
+        logits = decoder.step(chosen)
+    return Generation([torch.tensor(t, dtype=torch.int64) for t in out], ended)
