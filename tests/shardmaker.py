@@ -1,7 +1,8 @@
 """Small token-shard folders for the reader's tests, written with the format's own ShardWriter.
 
 Every sample's tokens start with (shard index, offset in shard), so a test can tell which sample it
-got; the rest are seeded random ids. Sidecars mirror a token folder shard by shard and key by key.
+got; the rest are seeded random ids. Optional per-sample hooks give a sample a loss mask (`mask.npy`)
+or a bestfit-style end before `seq_len + 1`. Sidecars mirror a token folder shard by shard and key by key.
 """
 from __future__ import annotations
 
@@ -22,24 +23,30 @@ def _sha256(path: Path) -> str:
 
 
 def make_token_shards(folder, sizes, *, seq_len: int = 8, vocab_size: int = 1000, seed: int = 0,
-                      prefix: str = "shard", fingerprint: str = FINGERPRINT) -> Manifest:
-    """A folder of len(sizes) shards holding sizes[i] samples each, and its manifest."""
+                      prefix: str = "shard", fingerprint: str = FINGERPRINT, mask_fn=None, end_fn=None) -> Manifest:
+    """A folder of len(sizes) shards holding sizes[i] samples each, and its manifest. `mask_fn(shard, offset)`:
+    the sample's loss mask or None (no member); `end_fn(shard, offset)`: where its real tokens end (default
+    seq_len + 1, no padding)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     dtype = np.uint16 if vocab_size < 65536 else np.uint32
     entries = []
     for shard, count in enumerate(sizes):
-        name = f"{prefix}-{shard:06d}{SHARD_SUFFIX}"
+        name, real = f"{prefix}-{shard:06d}{SHARD_SUFFIX}", 0
         with open(folder / name, "wb") as file, ShardWriter(file) as writer:
             for offset in range(count):
                 tokens = rng.integers(0, vocab_size, seq_len + 1).astype(dtype)
                 tokens[0], tokens[1] = shard, offset
-                cut = 1 + (offset % max(1, seq_len - 1))
-                segments = np.array([0, cut, seq_len + 1], dtype=np.int32)
-                writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", tokens, segments))
-        entries.append(ShardEntry(name, count, count * (seq_len + 1), _sha256(folder / name)))
-    manifest = Manifest(fingerprint, vocab_size, 0, seq_len, "concat", tuple(entries), "test")
+                end = seq_len + 1 if end_fn is None else end_fn(shard, offset)
+                cut = 1 + (offset % max(1, end - 2))
+                segments = np.array([0, cut, end] if cut < end else [0, end], dtype=np.int32)
+                mask = None if mask_fn is None else mask_fn(shard, offset)
+                writer.write(encode_sample(f"{prefix}-{shard:06d}-{offset:06d}", tokens, segments, mask))
+                real += end
+        entries.append(ShardEntry(name, count, real, _sha256(folder / name)))
+    manifest = Manifest(fingerprint, vocab_size, 0, seq_len, "concat" if end_fn is None else "bestfit",
+                        tuple(entries), "test")
     write_manifest(folder, manifest)
     return manifest
 

@@ -10,7 +10,11 @@ sample has:
 - `tokens.npy`: `seq_len + 1` token ids (inputs and labels are shifts of one array), uint16 when the
   vocabulary has fewer than 65536 entries, else uint32;
 - `segments.npy`: int32 `[s0=0, s1, ..., sn, end]`: the start of each document piece in the sample,
-  then the end of real tokens (`end < seq_len + 1` only where bestfit packing padded the sample).
+  then the end of real tokens (`end < seq_len + 1` only where bestfit packing padded the sample);
+- `mask.npy` (optional; generated sequences, where the prompt is not trained on): uint8 `[seq_len]`,
+  1 where input position t counts in the loss (its label is token t + 1), else 0. Absent means every
+  position with a real label counts. A position past `end` counts nowhere whatever its mask says. A
+  folder's manifest may say so in `extra["loss_mask"]`; readers never require it.
 Members are grouped into samples by webdataset's own rule (`group_by_keys` with `base_plus_ext`: the
 key is the name before the first dot), here and in every reader, so a plain `wds.WebDataset(url)` sees
 the same samples with the same keys (it decompresses `.tar.gz` by itself).
@@ -54,6 +58,7 @@ SIDECAR_SUFFIX = ".tar"  # sidecar shards (the teacher cache): plain tars
 GZIP_LEVEL = 1
 TOKENS_MEMBER = "tokens.npy"
 SEGMENTS_MEMBER = "segments.npy"
+MASK_MEMBER = "mask.npy"  # optional: uint8 [seq_len], 1 where position t counts in the loss
 PACKING_MODES = ("concat", "bestfit")
 
 
@@ -74,9 +79,24 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_sample(key: str, tokens: np.ndarray, segments: np.ndarray) -> dict:
-    """A webdataset sample dict (member bytes ready to write) for one packed window."""
-    return {"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens), SEGMENTS_MEMBER: _npy_bytes(segments.astype(np.int32))}
+def encode_sample(key: str, tokens: np.ndarray, segments: np.ndarray, mask=None) -> dict:
+    """A webdataset sample dict (member bytes ready to write) for one packed window; with `mask` (bool or
+    integer 0/1, one entry per input position: len(tokens) − 1), also its loss mask as uint8."""
+    sample = {"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens), SEGMENTS_MEMBER: _npy_bytes(segments.astype(np.int32))}
+    if mask is not None:
+        sample[MASK_MEMBER] = _npy_bytes(_mask_array(key, np.asarray(mask), len(tokens) - 1))
+    return sample
+
+
+def _mask_array(key: str, mask: np.ndarray, seq_len: int) -> np.ndarray:
+    if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.integer):
+        raise ShardFormatError(f"sample {key!r}: mask must be bool or integer 0/1, got dtype {mask.dtype}")
+    if mask.shape != (seq_len,):
+        raise ShardFormatError(f"sample {key!r}: mask must have one entry per input position, shape [{seq_len}], "
+                               f"got {list(mask.shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ShardFormatError(f"sample {key!r}: mask values must be 0 or 1, got {np.unique(mask).tolist()[:8]}")
+    return mask.astype(np.uint8)
 
 
 def decode_sample(sample: dict, *, seq_len: int, dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +117,25 @@ def decode_sample(sample: dict, *, seq_len: int, dtype: np.dtype, where: str) ->
         raise ShardFormatError(f"{where}: sample {key!r}: {SEGMENTS_MEMBER} must be increasing int32 "
                                f"[0, ..., end ≤ {seq_len + 1}], got {segments.tolist()[:8]}")
     return tokens, segments
+
+
+def decode_mask(sample: dict, *, seq_len: int, where: str) -> np.ndarray | None:
+    """The sample's loss mask (uint8 [seq_len] of 0/1), or None when it has no `mask.npy`; a ShardFormatError
+    naming `where` and the key when the member is not uint8 [seq_len] of 0 and 1."""
+    if MASK_MEMBER not in sample:
+        return None
+    key = sample.get("__key__", "?")
+    try:
+        mask = np.load(io.BytesIO(sample[MASK_MEMBER]), allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ShardFormatError(f"{where}: sample {key!r} has an undecodable member {MASK_MEMBER!r}: {err}") from None
+    if mask.dtype != np.uint8 or mask.shape != (seq_len,):
+        raise ShardFormatError(f"{where}: sample {key!r}: {MASK_MEMBER} is {mask.dtype}{list(mask.shape)}, "
+                               f"expected uint8[{seq_len}]")
+    if mask.max(initial=0) > 1:
+        raise ShardFormatError(f"{where}: sample {key!r}: {MASK_MEMBER} must hold 0 and 1 only, got "
+                               f"{np.unique(mask).tolist()[:8]}")
+    return mask
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Check a token-shard folder against its manifest and report every problem, each naming its file.
 
 Design choice: read every shard in full (sha256 of the bytes, then every sample decoded with
-format.decode_sample) and collect problems instead of stopping at the first, so one run lists all
+format.decode_sample, and its optional loss mask with format.decode_mask) and collect problems instead of stopping at the first, so one run lists all
 the damage; the cost is reading the whole dataset once (decompression bound, ~200 MB/s per core).
 Samples are grouped by `format.read_samples` (webdataset's rule), as every reader groups them; a shard
 is checked to its end, where gzip's length and CRC catch a truncated or corrupt file.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenization import format as fmt
 
-_KNOWN_MEMBERS = {fmt.TOKENS_MEMBER, fmt.SEGMENTS_MEMBER}
+_KNOWN_MEMBERS = {fmt.TOKENS_MEMBER, fmt.SEGMENTS_MEMBER, fmt.MASK_MEMBER}
 
 
 def verify_shards(folder: str | Path) -> list[str]:
@@ -66,6 +66,7 @@ def _check_shard(path: Path, entry: fmt.ShardEntry, manifest: fmt.Manifest, owne
                 problems.append(f"{path}: sample {key!r} has unexpected members {unexpected}")
             try:
                 _, segments = fmt.decode_sample(sample, seq_len=manifest.seq_len, dtype=manifest.dtype, where=str(path))
+                fmt.decode_mask(sample, seq_len=manifest.seq_len, where=str(path))
             except fmt.ShardFormatError as err:
                 problems.append(str(err))
                 continue

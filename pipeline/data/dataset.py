@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.data.order import BlendTable, SourceOrder, StepLayout
 from pipeline.data.shards import ShardReader, verify_shard
 from pipeline.data.sources import ShardSet, join_sample, sidecar_shards
-from tokenization.format import ShardFormatError, decode_sample
+from tokenization.format import ShardFormatError, decode_mask, decode_sample
 
 STATE_VERSION = 1
 _ORDER_FIELDS = ("dp_size", "seed", "fingerprint", "micro_batch", "shuffle", "shuffle_window", "blend_period")
@@ -107,8 +107,11 @@ class _SourceStream:
 
 class TokenShardDataset(IterableDataset):
     """Micro-batches for one DP rank: dict(tokens [B, seq_len+1] int64, segments [B, S] int64 padded
-    with -1, keys, step, epoch, and `sidecars`: per sample {prefix.member: bytes} when joined).
-    A consumer masks the positions whose label is padding with `label_mask(segments, seq_len)`."""
+    with -1, keys, step, epoch, `sidecars`: per sample {prefix.member: bytes} when joined, and
+    `loss_mask` [B, seq_len] bool when any sample of the batch has a `mask.npy` member (generated
+    sequences; a row without one is all True)). A consumer takes the positions that count in the loss,
+    eval and token counts from `loss_positions(batch, seq_len)`: a real label (`label_mask`) and, where
+    the batch has one, its loss mask."""
 
     def __init__(self, sources, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
                  shuffle: bool = True, shuffle_window: int = 256, verify: bool = False,
@@ -200,6 +203,9 @@ class TokenShardDataset(IterableDataset):
         tokens, segments = collate(decoded)
         batch = {"tokens": tokens, "segments": segments, "keys": [raw["__key__"] for raw in raws],
                  "step": step, "epoch": step // self.steps_per_epoch}
+        masks = [decode_mask(raw, seq_len=self.seq_len, where=raw["__where__"]) for raw in raws]
+        if any(mask is not None for mask in masks):
+            batch["loss_mask"] = collate_masks(masks, self.seq_len)
         if any(self.sidecars):
             batch["sidecars"] = [raw.get("sidecars", {}) for raw in raws]
         return batch
@@ -215,9 +221,26 @@ def collate(decoded: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack([tok for tok, _ in decoded]).astype(np.int64)), torch.from_numpy(segments)
 
 
+def collate_masks(masks: list, seq_len: int) -> torch.Tensor:
+    """Bool [B, seq_len] of the samples' loss masks (uint8 [seq_len] or None: every position counts)."""
+    out = np.ones((len(masks), seq_len), dtype=np.bool_)
+    for row, mask in enumerate(masks):
+        if mask is not None:
+            out[row] = mask != 0
+    return torch.from_numpy(out)
+
+
 def label_mask(segments: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Bool [B, seq_len]: position t counts iff its label, token t + 1, is real (t + 1 < end, end = the
     row's largest `segments` entry, so collate's −1 padding is ignored). Every position of a concat
     sample counts; a bestfit sample's padding counts nowhere (loss, eval, token counts)."""
     ends = segments.max(dim=-1, keepdim=True).values
     return torch.arange(1, seq_len + 1, device=segments.device) < ends
+
+
+def loss_positions(batch: dict, seq_len: int) -> torch.Tensor:
+    """Bool [B, seq_len]: position t counts in the loss, eval metrics and token counts iff its label is a real
+    token (`label_mask`) and, when the batch carries a `loss_mask` (generated sequences), the mask says so."""
+    real = label_mask(batch["segments"], seq_len)
+    mask = batch.get("loss_mask")
+    return real if mask is None else real & mask.to(real.device, torch.bool)

@@ -7,8 +7,9 @@ batch of them into `SparseTargets` ([B, S, K] ids and log-probs, [B, S] log rest
 ([B, S, W] distinct ids and counts, W the batch's widest position, −1/0 padded), at the temperature the
 cache was written at. A record holds only the positions whose label is a real token (format.py); the
 batch's `segments` say how many, and the positions after them are returned empty (ids −1, log-probs
-and log rest 0, counts 0): the loss must mask them (`pipeline.data.dataset.label_mask`), and refuses
-empty sampled or renorm targets at a position that counts.
+and log rest 0, counts 0): the loss must mask them (`pipeline.data.dataset.loss_positions`, which also
+applies a sample's loss mask; the cache still holds targets at every real position, masked or not), and
+refuses empty sampled or renorm targets at a position that counts.
 
 `sparse_mode` is the caller's choice of how top-K targets are compared; the trainer's eval always
 asks for "tail" (pipeline/train/evaluate.py), whatever the training run's `loss.target_mode`.

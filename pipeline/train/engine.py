@@ -10,15 +10,17 @@ the DP group and the TP ranks of a DP group hold different slices of the same mo
 DeepSpeed's backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them,
 and skips the update (counting it in `engine.skipped_steps`) when a gradient is not finite.
 
-Only positions whose label is a real token count (`label_mask`: a bestfit sample's padding is neither
-trained on nor counted in tokens), and the step's gradient is the mean over the real tokens of all its
-micro-batches and DP ranks: DeepSpeed averages the micro-batch losses (each a mean over its own real
-tokens) with equal weights, so each loss is scaled by its share, count × G × dp / total, before backward.
-With no padding every share is exactly 1 and nothing is scaled.
+Only positions that count are trained on and counted in tokens (`loss_positions`: a real label, so a
+bestfit sample's padding counts nowhere, and, for a sample with a loss mask such as a generated
+sequence's, a position its mask sets; its prompt does not count), and the step's gradient is the mean over
+the counted tokens of all its micro-batches and DP ranks: DeepSpeed averages the micro-batch losses (each
+a mean over its own counted tokens) with equal weights, so each loss is scaled by its share, count × G ×
+dp / total, before backward. When every micro-batch counts as many tokens, every share is exactly 1 and
+nothing is scaled.
 
 Design choice: the loss parts and metrics are summed on the device and all-reduced once per step
 over the DP group (one small collective), never per micro-batch; the cost is that a console line
-reports the average over the step's micro-batches, not the last one. The real-token total costs one
+reports the average over the step's micro-batches, not the last one. The counted-token total costs one
 more scalar all-reduce per step, before the first forward.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
-from pipeline.data.dataset import label_mask
+from pipeline.data.dataset import loss_positions
 from pipeline.losses import distill_loss
 from pipeline.model.builder import build_model, compute_dtype
 from pipeline.parallel import ParallelContext
@@ -97,7 +99,7 @@ class StudentStep:
         device = self.ctx.device
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        mask = label_mask(batch["segments"], inputs.shape[1]).to(device)
+        mask = loss_positions(batch, inputs.shape[1]).to(device)
         documents = self.engine.module.document_ids(batch["segments"], inputs.shape[1])
         teacher = self.targets.targets(batch, device) if (targets and self.targets is not None) else None
         return self.engine(inputs, document_ids=documents), labels, mask, teacher
@@ -125,9 +127,10 @@ class StudentStep:
                           float("nan") if norm is None else float(norm), lr)
 
     def _token_shares(self, micro_batches: list) -> list[float]:
-        """Each micro-batch's real-token count × G × dp / the step's total over every micro-batch and DP
-        rank: the loss scale that turns DeepSpeed's equal-weight average into a per-token mean."""
-        counts = [int(label_mask(b["segments"], b["tokens"].shape[1] - 1).sum()) for b in micro_batches]
+        """Each micro-batch's counted-token count (`loss_positions`) × G × dp / the step's total over every
+        micro-batch and DP rank: the loss scale that turns DeepSpeed's equal-weight average into a per-token
+        mean."""
+        counts = [int(loss_positions(b, b["tokens"].shape[1] - 1).sum()) for b in micro_batches]
         total = torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.ctx.device)
         if self.ctx.dp_size > 1:
             dist.all_reduce(total, group=self.ctx.dp_group)

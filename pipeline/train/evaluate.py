@@ -1,9 +1,10 @@
 """Held-out evaluation: the student's perplexity, its KL divergence to the teacher, top-1 agreement.
 
 Every DP rank reads its own `eval.batches` micro-batches of the held-out shards, in a fixed order (no
-shuffle), the same ones at every evaluation, so successive evaluations are comparable. Only positions
-whose label is a real token count (a bestfit sample's padding is neither scored nor counted); sums are
-weighted by those tokens and all-reduced over the DP group. The divergence reported is always the
+shuffle), the same ones at every evaluation, so successive evaluations are comparable. Only the positions
+the trainer counts count (`loss_positions`, through `StudentStep.forward`: a real label, so a bestfit
+sample's padding is neither scored nor counted, and a set loss mask where a sample has one, so a generated
+sequence's prompt is not scored); sums are weighted by those tokens and all-reduced over the DP group. The divergence reported is always the
 forward KL(teacher ‖ student) on the cache's targets, decoded the same way for every run: top-K with
 the rest bucket (`EVAL_SPARSE_MODE`, whatever the run's `loss.target_mode`), sampled as the plug-in
 KL(p̂ ‖ q) with p̂ = counts/N (sampled targets have one reading only). Runs trained with different
