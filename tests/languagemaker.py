@@ -125,3 +125,32 @@ def make_bestfit_shards(folder, language: MarkovLanguage, sizes, *, seq_len: int
                         "tests/languagemaker.py")
     write_manifest(folder, manifest)
     return manifest
+
+
+def markov_teacher(language: MarkovLanguage, folder, *, floor: float = 1e-9):
+    """A Hugging Face Llama folder whose next-token distribution is the chain's, exactly (up to `floor`).
+
+    The embedding is a scaled one-hot of the current token (hidden_size ≥ vocab), the attention and MLP
+    write nothing to the residual stream, so the final RMSNorm sees √H·one-hot and the output layer's
+    column of that token holds log T[token, ·] / √H: a teacher at the language's entropy rate, built,
+    not trained. Returns the transformers model.
+    """
+    import torch
+    import transformers
+
+    vocab = language.vocab_size
+    hidden = -(-vocab // 64) * 64
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=language.eos_id)
+    model = transformers.LlamaForCausalLM(config).eval()
+    log_t = torch.from_numpy(np.log(np.maximum(language.transitions, floor))).float()     # [V, V]: from, to
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.zero_() if "layers." in name and "norm" not in name else param.fill_(1.0)
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden) * hidden ** 0.5)
+        head = torch.zeros(vocab, hidden)
+        head[:, :vocab] = log_t.t() / hidden ** 0.5
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    return model
