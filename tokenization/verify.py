@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenization import format as fmt
 
-_KNOWN_MEMBERS = {fmt.TOKENS_MEMBER, fmt.SEGMENTS_MEMBER}
+_KNOWN_MEMBERS = {fmt.TOKENS_MEMBER, fmt.SEGMENTS_MEMBER, "mask.npy"}  # mask.npy: a loss mask (teacher-sampled caches)
 
 
 def verify_shards(folder: str | Path) -> list[str]:
