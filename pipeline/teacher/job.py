@@ -8,6 +8,8 @@ ranks go on to the next micro-batch. The summary's `samples_encoded` counts this
 rank 0: its replica's samples; other tp ranks: 0). Samples' keys are the token shard's keys, in the same
 order. When every shard has its record, the manifest is written and the folder becomes a cache the
 student's reader accepts.
+With `prefixes.source: teacher` the prefixes are the teacher's own continuations of each sample's prompt,
+written as token shards beside the cache in the same pass (`sampled_prefixes.py`, a subclass of this job).
 
 Design choice: shards, not samples, are the unit of work and of restart: a shard is done or it is not,
 so a killed job loses at most one shard per replica and its rerun writes byte-identical shards. The
