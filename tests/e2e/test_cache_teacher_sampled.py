@@ -209,3 +209,31 @@ def test_the_student_trains_on_the_generated_pair(world, tmp_path):
     _, out, _ = world
     found = run_distributed(_train, 1, str(tmp_path / "run"), str(out / "generated"), str(out))[0]
     assert sorted(found) == [1, 2] and all(np.isfinite(v) and v > 0 for v in found.values()), found
+
+
+def test_a_padded_sample_shorter_than_the_prompt_is_continued_from_its_real_tokens(world, tmp_path):
+    import hashlib
+
+    from tokenization.format import Manifest, ShardEntry, ShardWriter, encode_sample
+
+    base, _, eos = world
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    rng = np.random.default_rng(3)
+    rows = {"short": 3, "whole": SEQ + 1}  # real tokens: a bestfit sample padded after 3, and a full one
+    with open(tokens / "s-0.tar.gz", "wb") as file, ShardWriter(file) as writer:
+        for key, end in rows.items():
+            ids = np.full(SEQ + 1, eos, dtype=np.uint16)
+            ids[:end] = rng.integers(1, VOCAB, end)
+            writer.write(encode_sample(key, ids, np.array([0, end], dtype=np.int32)))
+    sha = hashlib.sha256((tokens / "s-0.tar.gz").read_bytes()).hexdigest()
+    write_manifest(tokens, Manifest("f" * 64, VOCAB, eos, SEQ, "bestfit", (ShardEntry("s-0.tar.gz", 2, 20, sha),)))
+    assert main(settings(base, tmp_path / "out", tokens=tokens)) == 0
+    source, generated = samples_of(tokens), samples_of(tmp_path / "out" / "generated")
+    prompts = [npy(source[key]["tokens.npy"])[: min(PROMPT, end)] for key, end in rows.items()]
+    want = direct_generation(base, prompts, list(rows), eos, MAX_NEW)
+    for key, prompt, new in zip(rows, prompts, want.tokens):
+        ids, segments, mask = (npy(generated[key][m]) for m in ("tokens.npy", "segments.npy", "mask.npy"))
+        end = len(prompt) + len(new)
+        assert np.array_equal(ids[:end], np.concatenate([prompt, new.numpy()])) and segments.tolist() == [0, end]
+        assert mask.nonzero()[0].tolist() == list(range(len(prompt) - 1, end - 1)), key
