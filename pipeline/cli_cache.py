@@ -23,6 +23,13 @@ replicas split the shards. On one machine:
   distill cache --config configs/cache_topk.yaml teacher=T tokens=D output=O
   torchrun --nproc-per-node 4 launchers/cache_teacher.py --config C parallel.tp=2
 Rerun the same command after a crash or preemption: finished shards are kept, the rest are made.
+
+Teacher-sampled prefixes (f-DISTILL's KL, SeqKD): prefixes.source=teacher takes each token sample's
+first prefixes.prompt_len tokens as a prompt, lets the teacher continue it (prefixes.sampling; top-k 30
+at temperature 1 by default) and writes in one pass both the generated token shards, with a loss mask
+(generated positions by default), to `generated` (default OUTPUT/generated) and the targets along them
+to OUTPUT. See configs/cache_teacher_sampled.yaml; train on them with
+  distill train ... data.tokens=OUTPUT/generated data.teacher_cache=OUTPUT
 """
 
 VERIFY_HELP = """\
@@ -83,7 +90,14 @@ def format_summary(summary: dict) -> str:
     return (f"cache {summary['output']}: {state}; wrote {summary['shards_written']} of {summary['shards_total']} "
             f"shards ({summary['shards_todo']} were missing), {summary['tokens']:,} tokens in "
             f"{summary['seconds']:.1f} s = {summary['tokens_per_s']:,.0f} tokens/s, "
-            f"{summary['bytes_per_token']:.2f} bytes/token")
+            f"{summary['bytes_per_token']:.2f} bytes/token" + _generated_line(summary))
+
+
+def _generated_line(summary: dict) -> str:
+    if "generated_tokens" not in summary:
+        return ""
+    return (f"; the teacher generated {summary['generated_tokens']:,} tokens "
+            f"({summary['generated_tokens_per_s']:,.0f} tokens/s over the job) into {summary['generated']}")
 
 
 def verify_cache_command(args: argparse.Namespace) -> int:

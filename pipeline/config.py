@@ -20,8 +20,9 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
                                   positive, section, setting)
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
-           "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
-           "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TrainConfig", "TrainDataConfig",
+           "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrefixConfig",
+           "RunConfig", "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TeacherSamplingConfig", "TrainConfig",
+           "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -220,6 +221,35 @@ class TargetsConfig:
 
 
 @dataclass(frozen=True)
+class TeacherSamplingConfig(SamplingConfig):
+    """How the teacher samples the continuations of a teacher-sampled cache: `SamplingConfig` with f-DISTILL's
+    settings (top_k 30 at temperature 1) as the defaults."""
+
+    top_k: int = setting(30, "Draw only among the k most likely ids (renormalised); 0 = no limit. 30 is what "
+                             "f-DISTILL sampled its teacher prefixes with.", non_negative)
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Where the prefixes the teacher's targets are computed along come from: the token shards as they are, or
+    continuations the teacher samples from a prompt taken from each token sample (f-DISTILL's KL, SeqKD)."""
+
+    source: Literal["data", "teacher"] = setting(
+        "data", "data = the token samples themselves (the plain cache). teacher = each sample's first prompt_len "
+                "tokens, continued by the teacher (sampling), written as new token shards to `generated` with a "
+                "loss mask, and the targets computed along those generated sequences.")
+    prompt_len: int = setting(
+        32, "teacher: tokens of each token sample used as its prompt (all of a shorter padded sample's real "
+            "tokens). Must be at most seq_len, so that at least one token is generated.", positive)
+    loss_on: Literal["generated", "all"] = setting(
+        "generated", "teacher: positions the generated samples' mask counts in the loss: generated = those whose "
+                     "label is a generated token; all = every real position (prompt labels too).")
+    sampling: TeacherSamplingConfig = section(
+        TeacherSamplingConfig, "teacher: how the teacher continues each prompt. It generates up to "
+                               "min(max_new_tokens, seq_len + 1 − prompt_len) tokens, stopping at EOS.")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The offline teacher-cache job (`distill cache`): one cache shard per token shard, same keys."""
 
@@ -230,6 +260,8 @@ class CacheConfig:
     tokens: str = setting("", "The token-shard folder (from `distill tokenize`) the teacher reads. Required.")
     output: str = setting("", "Folder for the cache shards and manifest. A rerun into it completes only the "
                               "missing shards; a folder made by another teacher or config is refused. Required.")
+    generated: str = setting("", "prefixes.source teacher: folder for the generated token shards (the student's "
+                                 "data.tokens beside this cache); empty = OUTPUT/generated.")
     micro_batch: int = setting(4, "Samples per teacher forward. Larger is faster until memory runs out; the "
                                   "logits of a batch take micro_batch × seq_len × V/tp × 4 bytes.", positive)
     progress: bool = setting(True, "Show a progress bar (on the first rank) and print a summary at the end.")
@@ -238,6 +270,8 @@ class CacheConfig:
     compute: ComputeConfig = section(ComputeConfig, "How the teacher is computed (attention kernel, dtype, "
                                                     "document masking: use the student's setting).")
     targets: TargetsConfig = section(TargetsConfig, "What is stored per position.")
+    prefixes: PrefixConfig = section(PrefixConfig, "Which prefixes the targets are computed along: the token "
+                                                   "shards' (data) or the teacher's own samples (teacher).")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ keep one output folder for one job.
 
 A cache folder is bound to one job the first time it is used: `_progress/job.json` records the teacher
 (its model config and the sha256 of its weight files), the token shards' fingerprint, the target
-settings, the seed and the compute settings that change the logits (dtype, document masking). The
+settings, the seed and the compute settings that change the logits (dtype, document masking), and for
+teacher-sampled prefixes the prefix settings (prompt length, loss mask, sampling). The
 record is created once, never replaced: of concurrent tasks on one folder (a job array's), the first
 to record its job wins and every other is compared with it (where the file system has hard links; see
 `tokenization.format.create_once`). A rerun or another task with the same

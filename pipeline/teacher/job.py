@@ -8,6 +8,8 @@ ranks go on to the next micro-batch. The summary's `samples_encoded` counts this
 rank 0: its replica's samples; other tp ranks: 0). Samples' keys are the token shard's keys, in the same
 order. When every shard has its record, the manifest is written and the folder becomes a cache the
 student's reader accepts.
+With `prefixes.source: teacher` the prefixes are the teacher's own continuations of each sample's prompt,
+written as token shards beside the cache in the same pass (`sampled_prefixes.py`, a subclass of this job).
 
 Design choice: shards, not samples, are the unit of work and of restart: a shard is done or it is not,
 so a killed job loses at most one shard per replica and its rerun writes byte-identical shards. The
@@ -59,6 +61,10 @@ def run_cache(cfg: CacheConfig, *, shard_range: tuple[int, int] | None = None) -
     require_paths(cfg)
     ctx = ParallelContext.from_env(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_minutes)
     try:
+        if cfg.prefixes.source == "teacher":
+            from pipeline.teacher.sampled_prefixes import SampledPrefixJob
+
+            return SampledPrefixJob(cfg, ctx, shard_range).run()
         return CacheJob(cfg, ctx, shard_range).run()
     finally:
         ctx.destroy()
@@ -95,16 +101,25 @@ class CacheJob:
     def __init__(self, cfg: CacheConfig, ctx: ParallelContext, shard_range: tuple[int, int] | None):
         self.cfg, self.ctx = cfg, ctx
         self.tokens = ShardSet(cfg.tokens)
+        self._check_settings()
         self.range = self._check_range(shard_range)
         self.teacher = self._load_teacher()
         self.record = targets_record(cfg.targets, self.teacher.vocab_size, self.tokens.manifest.seq_len)
         self.codec = codec_of(self.record)
         self.samples_encoded = 0  # this process's codec encodes: only a replica's writing rank makes any
-        self.job = {"teacher": self.teacher.identity, "tokens": self.tokens.fingerprint(), "targets": self.record,
-                    "seed": cfg.seed if cfg.targets.mode == "sampled" else None,
-                    "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
-                                "document_masking": cfg.compute.document_masking}}
+        self.job = self._job_record()
         on_first_rank(ctx, lambda: bind_output(cfg.output, self.job))
+
+    def _check_settings(self) -> None:
+        """Settings checked against the token manifest before any work (none for corpus prefixes)."""
+
+    def _job_record(self) -> dict:
+        """What decides the bytes (identity.py): recorded in the output folder, refused when it differs."""
+        cfg = self.cfg
+        return {"teacher": self.teacher.identity, "tokens": self.tokens.fingerprint(), "targets": self.record,
+                "seed": cfg.seed if cfg.targets.mode == "sampled" else None,
+                "compute": {"dtype": str(compute_dtype(cfg.compute, self.ctx.device)),
+                            "document_masking": cfg.compute.document_masking}}
 
     def _check_range(self, shard_range):
         count = len(self.tokens.manifest.shards)
@@ -171,16 +186,20 @@ class CacheJob:
             reader.close()
         return writer.close() if writer is not None else None
 
-    @torch.inference_mode()
     def _cache_batch(self, raws: list[dict], where: str, writer: CacheShardWriter | None) -> None:
         manifest = self.tokens.manifest
         decoded = [decode_sample(raw, seq_len=manifest.seq_len, dtype=manifest.dtype, where=where) for raw in raws]
+        self._cache_decoded([raw["__key__"] for raw in raws], decoded, where, writer)
+
+    @torch.inference_mode()
+    def _cache_decoded(self, keys: list[str], decoded: list, where: str, writer: CacheShardWriter | None) -> None:
+        """Run the teacher over decoded (tokens, segments) samples and write their targets (tp rank 0)."""
+        manifest = self.tokens.manifest
         tokens, segments = collate(decoded)
         tokens = tokens.to(self.ctx.device)
         model = self.teacher.model
         document_ids = model.document_ids(segments, manifest.seq_len)
         logits = model(tokens[:, :-1], document_ids)  # [B, S, Vl]
-        keys = [raw["__key__"] for raw in raws]
         self._check_finite(logits, keys, where)
         for key, count, targets in self._targets(logits, keys, target_positions(segments)):
             if writer is not None:  # only the replica's writer encodes; the other tp ranks only take part above

@@ -56,6 +56,15 @@ class ShardRecord:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+def publish(file: HashingFile, partial: Path, final: Path) -> None:
+    """Make a shard written to `partial` visible as `final`: fsync, close, rename, fsync the folder."""
+    file.file.flush()
+    os.fsync(file.file.fileno())
+    file.file.close()
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
 class CacheShardWriter:
     """Writes one cache shard: samples in order, then `close` makes it visible and records it."""
 
@@ -73,13 +82,12 @@ class CacheShardWriter:
         self.positions += positions
         self.floor_bits += floor_bits
 
-    def close(self) -> ShardRecord:
+    def close(self, *, source: ShardEntry | None = None) -> ShardRecord:
+        """Publish the shard and its done record; `source` replaces the token shard given at the start (a
+        generated token shard is known only once it is written)."""
+        self.source = source or self.source
         self._tar.close()
-        self._file.file.flush()
-        os.fsync(self._file.file.fileno())
-        self._file.file.close()
-        os.replace(partial_path(self.folder, self.name), self.folder / self.name)
-        fsync_dir(self.folder)
+        publish(self._file, partial_path(self.folder, self.name), self.folder / self.name)
         record = ShardRecord(self.name, self.samples, self.source.tokens, self.positions, self._file.size,
                              self._file.sha.hexdigest(), self.source.name, self.source.sha256, self.floor_bits)
         write_atomic(record_path(self.folder, self.name), (json.dumps(record.__dict__, indent=1) + "\n").encode())

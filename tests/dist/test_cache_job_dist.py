@@ -2,6 +2,8 @@
 same bytes; TP=2 splits the teacher and the vocabulary and decodes to the same targets (its logits differ
 from TP=1's in the last bits, so the float32 rest masses may differ in their last bits too; sampled draws
 do not, so a sampled cache is byte-identical). Each replica encodes its samples once: on its writing rank.
+Teacher-sampled prefixes: the continuations' draws are exact at every TP size too, so TP=2 writes TP=1's
+generated token shards and (with sampled targets) its cache, byte for byte.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ def base(tmp_path_factory):
     return folder
 
 
-def files(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))} | {
+def files(folder: Path, pattern: str = "*.tar") -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(pattern))} | {
         "manifest.json": (folder / "manifest.json").read_bytes()}
 
 
@@ -82,3 +84,31 @@ def test_tensor_parallel_teacher_decodes_to_the_same_targets_encoding_once(base,
         assert np.array_equal(want[0], got[0]), f"{name}: ids differ"
         for a, b in zip(want[1:], got[1:]):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def prefix_config(base: Path, out: str, tp: int) -> CacheConfig:
+    return from_dict(CacheConfig, {"teacher": str(base / "teacher"), "tokens": str(base / "tokens"),
+                                   "output": str(base / out), "progress": False, "micro_batch": 3,
+                                   "parallel": {"tp": tp}, "targets": {"mode": "sampled", "draws": 16},
+                                   "prefixes": {"source": "teacher", "prompt_len": 4,
+                                                "sampling": {"max_new_tokens": 6}}})
+
+
+def prefix_worker(rank: int, world: int, base: str, out: str, tp: int) -> dict:
+    return run_cache(prefix_config(Path(base), out, tp))
+
+
+@pytest.fixture(scope="module")
+def prefix_single(base) -> dict:
+    return run_cache(prefix_config(base, "prefix_single", 1))
+
+
+@pytest.mark.parametrize("tp", [2, 1])
+def test_teacher_sampled_prefixes_at_tp2_or_dp2_write_the_single_process_bytes(base, prefix_single, tp):
+    summaries = run_distributed(prefix_worker, 2, str(base), f"prefix_{tp}", tp)
+    assert all(s["complete"] and s["shards_written"] == len(SIZES) for s in summaries)
+    assert 0 < prefix_single["generated_tokens"] <= 6 * sum(SIZES)
+    assert [s["generated_tokens"] for s in summaries] == [prefix_single["generated_tokens"]] * 2
+    for sub in ("", "generated"):
+        want, got = files(base / "prefix_single" / sub, "*.tar*"), files(base / f"prefix_{tp}" / sub, "*.tar*")
+        assert len(want) == len(SIZES) + 1 and got == want, f"{sub or 'cache'} differs at tp={tp}, world 2"
