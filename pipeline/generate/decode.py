@@ -8,9 +8,10 @@ the remaining rows do not pay for them. Each row's draws come from uniforms seed
 (seed, the row's key), indexed by the step, so a row generates the same tokens whatever batch it is
 in, on a rerun and at every TP size.
 
-A ZeRO-3-partitioned model (a DeepSpeed engine's module) has its parameters gathered once for the
-whole call (`deepspeed.zero.GatheredParameters`), not once per token; the cost is the full model's
-parameters on each rank for the duration of the call.
+A ZeRO-3 student is passed as its DeepSpeed engine: its parameters are gathered once for the whole
+call and ZeRO's per-module hooks are off meanwhile (`for_generation`), so a decoding step holds no
+collective over the DP group and DP ranks may decode different numbers of steps; the cost is the
+full model's parameters on each rank for the duration of the call.
 
 Design choice: left padding, so every row's next token lands on the same cache slot and a step is one
 forward over `[B, 1]`; the cost is that the prompts' padding slots take cache memory and prefill
@@ -41,16 +42,32 @@ def draw_uniforms(seed: int, key: str, count: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def gathered_parameters(model):
-    """The model's full parameters for the block: ZeRO-3 partitions gathered once, anything else as it is."""
+def for_generation(model):
+    """The module to decode with, ready for the whole call.
+
+    A DeepSpeed engine under ZeRO-3: DeepSpeed's own `unwrap_model_for_generation` gathers every
+    parameter once and takes ZeRO's per-module hooks off for the block (with them on, every forward
+    would gather and release each layer again), then puts the hooks back. Another DeepSpeed engine: its
+    module. A bare module whose parameters ZeRO-3 partitioned: gathered once by `GatheredParameters` (its
+    hooks, if an engine installed them, still gather per forward: pass the engine). Anything else: itself.
+    """
+    if hasattr(model, "zero_optimization_partition_weights"):  # a DeepSpeedEngine
+        if model.zero_optimization_partition_weights():
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(model):
+                yield model.module
+            return
+        yield model.module
+        return
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
-        yield
+        yield model
         return
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+        yield model
 
 
 class Decoder:
@@ -114,7 +131,8 @@ class Generation:
 def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: SamplingConfig, *, vocab_size: int,
              eos_id: Optional[int], seed: int = 0, group=None,
              on_step: Optional[Callable[[int], None]] = None) -> Generation:
-    """Continuations of `prompts` (1-D int tensors) by `model` (this rank's TP slices, `group` its TP group).
+    """Continuations of `prompts` (1-D int tensors) by `model` (this rank's TP slices, `group` its TP group;
+    a DeepSpeed engine for a ZeRO-3 student, see `for_generation`).
 
     `keys` name the rows (a sample's key): they seed the draws. `on_step(n)` is called with the number
     of tokens each step added (for progress bars). Every rank of `group` returns the same tokens.
@@ -123,13 +141,13 @@ def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: Sa
         raise ValueError(f"keys: expected one per prompt ({len(prompts)}), got {len(keys)}")
     steps = sampling.max_new_tokens
     uniforms = torch.stack([draw_uniforms(seed, key, steps) for key in keys]) if keys else None
-    was_training = model.training
-    model.eval()
-    try:
-        with gathered_parameters(model):
-            return _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step)
-    finally:
-        model.train(was_training)
+    with for_generation(model) as module:
+        was_training = module.training
+        module.eval()
+        try:
+            return _decode(module, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step)
+        finally:
+            module.train(was_training)
 
 
 def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step) -> Generation:

@@ -1,8 +1,9 @@
 """Generation at TP 2 and 4, and on a ZeRO-3-partitioned model, against one process in the parent.
 
 One spawn of four gloo processes runs three layouts in turn: tp=1 with the model wrapped by a DeepSpeed
-ZeRO-3 engine over dp=4 (each DP rank decodes its own prompts, with a different number of steps: a
-collective per token would hang or mismatch), tp=2 and tp=4. Every rank returns its tokens; the parent
+ZeRO-3 engine over dp=4 (each DP rank decodes its own prompts; nothing persists unpartitioned, so a
+decode that let ZeRO's hooks run would gather and release every layer at every step, which the test
+counts), tp=2 and tp=4. Every rank returns its tokens; the parent
 decodes the same prompts with one process and, for greedy decoding, with `transformers`.
 """
 from __future__ import annotations
@@ -39,41 +40,37 @@ def _all(model, group, eos_id, prompts, keys) -> dict:
 
 
 def _zero3(ctx, folder: str, eos_id: int) -> dict:
-    """tp=1, dp=4: generate through a ZeRO-3 engine's module; count DeepSpeed's parameter all-gathers of
-    a 2-step and an 8-step call (each DP rank decodes its own prompts)."""
+    """tp=1, dp=4: generate through a ZeRO-3 engine; count how often parameters are partitioned again
+    (once per gather) in a 2-step and an 8-step call. Each DP rank decodes its own prompts."""
     from pipeline.generate import generate
     from pipeline.model import load_hf
     from pipeline.train.engine import import_deepspeed
 
     deepspeed = import_deepspeed(ctx)
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # tiny params persist otherwise
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=load_hf(folder, ctx), config=config, mpu=ctx, dist_init_required=False)
     assert any(p.numel() == 0 for p in engine.module.parameters()), "ZeRO-3 did not partition the model"
     prompts, keys = _prompts(ctx.dp_rank)
-    tokens = _all(engine.module, ctx.tp_group, eos_id, prompts, keys)
-    counted, originals = {"gathers": 0}, {}
+    tokens = _all(engine, ctx.tp_group, eos_id, prompts, keys)
+    counted = {"partitions": 0}
 
-    def counting(name):
+    def counting(method):
         def call(*args, **kwargs):
-            counted["gathers"] += 1
-            return originals[name](*args, **kwargs)
+            counted["partitions"] += 1
+            return method(*args, **kwargs)
         return call
 
-    names = ("all_gather", "all_gather_into_tensor", "allgather_fn", "all_gather_coalesced")
-    for name in names:
-        originals[name] = getattr(deepspeed.comm, name)
-        setattr(deepspeed.comm, name, counting(name))
+    params = list(engine.module.parameters())
+    for param in params:  # a parameter is partitioned again after every use that gathered it
+        param.partition = counting(param.partition)
     gathers = []
-    try:
-        for steps in (2, 8):
-            counted["gathers"] = 0
-            generate(engine.module, prompts, keys, SamplingConfig(mode="greedy", max_new_tokens=steps),
-                     vocab_size=VOCAB, eos_id=None, group=ctx.tp_group)
-            gathers.append(counted["gathers"])
-    finally:
-        for name in names:
-            setattr(deepspeed.comm, name, originals[name])
+    for steps in (2, 8):
+        counted["partitions"] = 0
+        generate(engine, prompts, keys, SamplingConfig(mode="greedy", max_new_tokens=steps),
+                 vocab_size=VOCAB, eos_id=None, group=ctx.tp_group)
+        gathers.append(counted["partitions"])
     return {"tokens": tokens, "gathers": gathers, "dp_rank": ctx.dp_rank}
 
 
