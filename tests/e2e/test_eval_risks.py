@@ -129,3 +129,27 @@ def test_mismatched_vocabularies_are_a_clear_error(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(pair["root"] / "a") in err and str(tmp_path / "wide") in err
     assert f"{VOCAB}" in err and f"{VOCAB + 20}" in err
+
+
+def test_trainer_logs_the_risks_that_distill_eval_measures_on_its_checkpoint(pair, tmp_path):
+    from pipeline.train.monitor import read_metrics, read_scalars
+    from pipeline.train.run import run_training
+    from tests.trainkit import student_overrides, train_config
+
+    make_token_shards(tmp_path / "train", [8], seq_len=16, vocab_size=VOCAB, seed=5)
+    run_dir = tmp_path / "run"
+    overrides = student_overrides(run_dir, tmp_path / "train", steps=2) + [
+        f"data.eval_tokens={pair['tokens']}", "eval.batches=1", f"eval.teacher={pair['root'] / 'b'}",
+        f"eval.risk_prompts={PROMPTS}", f"eval.prompt_len={PROMPT_LEN}", f"eval.sampling.top_k={TOP_K}",
+        f"eval.sampling.max_new_tokens={MAX_NEW}", f"seed={SEED}"]
+    assert run_training(train_config(overrides)) == 0
+    row = [r for r in read_metrics(run_dir) if r["kind"] == "eval"][-1]
+    assert row["step"] == 2
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert scalars["eval/r_llh"] == [(2, pytest.approx(row["eval/r_llh"], rel=1e-6))]
+    assert scalars["eval/r_cvg"] == [(2, pytest.approx(row["eval/r_cvg"], rel=1e-6))]
+    # the checkpoint saved at the end holds the weights that step 2's eval used
+    direct = _run_eval({**pair, "root": tmp_path}, "run", str(pair["root"] / "b"), tmp_path / "risks.json")
+    assert row["eval/r_llh"] == pytest.approx(direct["r_llh"], abs=1e-5)
+    assert row["eval/r_cvg"] == pytest.approx(direct["r_cvg"], abs=1e-5)
+    assert "top_k: 30" in (run_dir / "config.yaml").read_text()  # the sampling settings are in the resolved config
