@@ -113,6 +113,10 @@ def test_swapping_student_and_teacher_swaps_the_risks(pair, tmp_path):
     assert ba["r_cvg"] == pytest.approx(ab["r_llh"], abs=1e-9)
     assert ba["r_llh"] == pytest.approx(ab["r_cvg"], abs=1e-9)
     assert abs(ab["r_llh"] - ab["r_cvg"]) > 1e-2
+    # ... and not a's own scoring of them (what an implementation with the scorers swapped reports)
+    prompts, a_samples = _samples(pair, "a")
+    assert ab["r_llh"] == pytest.approx(_pooled(pair["hf"]["b"], prompts, a_samples)[0], abs=1e-5)
+    assert abs(ab["r_llh"] - _pooled(pair["hf"]["a"], prompts, a_samples)[0]) > 1e-2
 
 
 def test_mismatched_vocabularies_are_a_clear_error(pair, tmp_path, capsys):
