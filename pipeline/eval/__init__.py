@@ -5,7 +5,8 @@ so importing this package does not load torch.
 """
 from importlib import import_module
 
-_WHERE = {"check_vocabularies": "risks", "heldout_prompts": "risks", "risks": "risks", "score_continuations": "risks", "RiskError": "errors"}
+_WHERE = {"check_vocabularies": "risks", "heldout_prompts": "risks", "risks": "risks", "sample": "risks",
+          "score_continuations": "risks", "RiskError": "errors"}
 __all__ = sorted(_WHERE)
 
 

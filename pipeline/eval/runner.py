@@ -46,8 +46,10 @@ def evaluate_pair(*, student: str, teacher: str, tokens: str, prompts: int, prom
     try:
         compute = ComputeConfig(dtype=dtype, vocab_multiple=vocab_multiple)
         with tempfile.TemporaryDirectory(prefix="distill-eval-") as scratch:
-            models = {role: load_model(model_folder(path, Path(scratch), role), ctx, compute).eval().requires_grad_(False)
+            models = {role: load_model(model_folder(path, Path(scratch), role), ctx, compute).eval()
                       for role, path in (("student", student), ("teacher", teacher))}
+        for model in models.values():
+            model.requires_grad_(False)
         vocab = models["student"].model_config.vocab_size
         check_vocabularies(vocab, models["teacher"].model_config.vocab_size, student=student, teacher=teacher)
         if manifest.vocab_size > vocab:
