@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.cli_cache import add_cache_commands
+from pipeline.cli_eval import add_eval_command
 from pipeline.cli_model import add_model_commands
 from pipeline.cli_quickstart import add_quickstart_command
 from pipeline.cli_train import add_train_commands
@@ -37,6 +38,7 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   cache      a tensor-parallel teacher writes sparse next-token targets for every token shard
   train      the student learns from token shards and the teacher cache (DeepSpeed ZeRO-3, optional TP),
              evaluated on held-out shards as it goes
+  eval       f-DISTILL's likelihood and coverage risks of a student against a teacher (also in train's eval)
   export     the student as a Hugging Face checkpoint
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
     add_cache_commands(commands)
     add_train_commands(commands)
+    add_eval_command(commands)
     add_quickstart_command(commands)
     return parser
 
@@ -253,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) .*not installed", category=UserWarning)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in what a stage writes (the manifest's command line)
+    from pipeline.eval.errors import RiskError
     from pipeline.model.errors import CheckpointError, ModelLayoutError
     from pipeline.teacher.errors import CacheError
     from pipeline.train.errors import TrainError
@@ -262,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError,
-            TrainError) as err:
+            TrainError, RiskError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -21,8 +21,8 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
            "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrefixConfig",
-           "RunConfig", "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TeacherSamplingConfig", "TrainConfig",
-           "TrainDataConfig",
+           "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TeacherSamplingConfig",
+           "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 
@@ -192,6 +192,16 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class RiskSamplingConfig(SamplingConfig):
+    """How student and teacher sample for the risks (eval, `distill eval`): f-DISTILL's top-k 30 at T = 1."""
+
+    top_k: int = setting(30, "Draw only among the k most likely ids (renormalised); 0 = no limit. 30 is what "
+                             "f-DISTILL sampled with for its risks and prefixes.", non_negative)
+    max_new_tokens: int = setting(64, "Most tokens generated per prompt; generation stops earlier at EOS.",
+                                  positive)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The loss sections alone (`distill config --kind loss`): the process layout and the loss, as a training
     run reads them; no command runs from it, so it has no run-wide settings such as a seed."""
@@ -333,10 +343,23 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: perplexity, divergence to the teacher, top-1 agreement."""
+    """Held-out evaluation: perplexity, divergence to the teacher, top-1 agreement, and f-DISTILL's risks."""
 
     every: int = setting(500, "Evaluate every this many steps (and at the end); 0 = only at the end.", non_negative)
     batches: int = setting(16, "Micro-batches per rank per evaluation (the same ones every time).", positive)
+    teacher: str = setting(
+        "", "Teacher model for the risks (a Hugging Face folder, or a TP checkpoint split for this run's tp and "
+            "compute.vocab_multiple): each eval also logs eval/r_llh (−log p_teacher over the student's samples; "
+            "high = mode averaging) and eval/r_cvg (−log q_student over the teacher's samples; high = mode "
+            "collapse) on prompts from data.eval_tokens. Loaded once per run, frozen. Empty = no risks.")
+    risk_prompts: int = setting(
+        32, "Held-out samples whose first prompt_len tokens are the risks' prompts: the first ones of "
+            "data.eval_tokens, in total (not per rank; every DP rank generates for all of them, see docs/train.md).",
+        positive)
+    prompt_len: int = setting(16, "Tokens of each risk prompt; at most the samples' sequence length.", positive)
+    sampling: RiskSamplingConfig = section(RiskSamplingConfig, "How student and teacher sample their continuations "
+                                                               "for the risks (seeded by the run's seed and each "
+                                                               "sample's key).")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Held-out evaluation: the student's perplexity, its KL divergence to the teacher, top-1 agreement.
+"""Held-out evaluation: the student's perplexity, its KL divergence to the teacher, top-1 agreement, risks.
 
 Every DP rank reads its own `eval.batches` micro-batches of the held-out shards, in a fixed order (no
 shuffle), the same ones at every evaluation, so successive evaluations are comparable. Only the positions
@@ -11,9 +11,21 @@ KL(p̂ ‖ q) with p̂ = counts/N (sampled targets have one reading only). Runs 
 divergences or target modes on one held-out cache are so measured with one ruler; figures from a top-K
 and a sampled cache are different rulers and are not comparable.
 
+With `eval.teacher` set, each evaluation also measures f-DISTILL's risks (`pipeline/eval/risks.py`):
+eval/r_llh (the teacher's −log p over the student's samples) and eval/r_cvg (the student's −log q over
+the teacher's samples) on the first `eval.risk_prompts` held-out samples, cut to `eval.prompt_len`
+tokens, sampled with `eval.sampling` and seeded by the run's seed and each sample's key. The teacher is
+loaded once, at the student's TP layout, frozen and outside DeepSpeed; its samples are drawn at the
+first evaluation and reused (a fixed teacher with seeded draws would draw them again identically).
+
 Design choice: eval runs the same engine (under ZeRO-3 every rank gathers the same parameters in the
 same order, so every DP rank does the same number of forwards); the cost is that eval time is not
-spread over idle ranks: a rank with nothing left to read would still have to join the gathers.
+spread over idle ranks: a rank with nothing left to read would still have to join the gathers. For
+the same reason every DP rank generates and scores ALL the risk prompts rather than a share: generation
+gathers the student once per call (no DP collective per step), but scoring the teacher's samples runs
+ZeRO-3 forwards, which must stay in lockstep over the DP group, and identical work guarantees that; the
+cost is that the risks take as long at dp = 8 as at dp = 1 (and no DP all-reduce is needed: every rank
+has the figure).
 """
 from __future__ import annotations
 
@@ -43,6 +55,7 @@ class Evaluator:
                                     size=ctx.dp_size, shuffle=False)
         self.targets = CacheTargets(data.eval_teacher_cache, prefix=TEACHER,
                                     sparse_mode=EVAL_SPARSE_MODE) if data.eval_teacher_cache else None
+        self.risks = RiskEval(cfg, ctx) if cfg.eval.teacher else None
         self.batches = min(cfg.eval.batches, self.dataset.steps_per_epoch)
         if self.batches < cfg.eval.batches and ctx.rank == 0:
             warnings.warn(f"eval.batches={cfg.eval.batches} but {data.eval_tokens} holds only {self.batches} "
@@ -70,6 +83,8 @@ class Evaluator:
         if self.targets is not None:
             out["eval/divergence"] = float(sums[1]) / tokens
             out["eval/top1_agreement"] = float(sums[2]) / tokens
+        if self.risks is not None:
+            out.update(self.risks.run(engine))
         return out
 
     def _one(self, step, batch: dict) -> torch.Tensor:
@@ -84,3 +99,34 @@ class Evaluator:
             kl = distill_loss(logits, teacher, divergence="kl", temperature=self.targets.temperature, **common)
             row[1], row[2] = float(kl.metrics["divergence"]) * count, float(kl.metrics["top1_agreement"]) * count
         return torch.tensor(row, dtype=torch.float64, device=self.ctx.device)
+
+
+class RiskEval:
+    """f-DISTILL's risks of the student against `eval.teacher`; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext):
+        from pipeline.data.sources import ShardSet
+        from pipeline.eval.risks import check_vocabularies, heldout_prompts
+        from pipeline.model import load_model
+
+        self.cfg, self.ctx = cfg, ctx
+        self.teacher = load_model(cfg.eval.teacher, ctx, cfg.compute).eval().requires_grad_(False)
+        check_vocabularies(cfg.model.vocab_size, self.teacher.model_config.vocab_size,
+                           student="(model.vocab_size)", teacher=f"eval.teacher={cfg.eval.teacher}")
+        # every DP rank takes all the prompts (rank 0 of a DP group of one): see the module docstring
+        self.prompts, self.keys = heldout_prompts(cfg.data.eval_tokens, cfg.eval.risk_prompts, cfg.eval.prompt_len)
+        self.eos_id = ShardSet(cfg.data.eval_tokens).manifest.eos_id
+        self.teacher_samples = None
+
+    def run(self, student) -> dict:
+        """eval/r_llh and eval/r_cvg of `student` (the DeepSpeed engine: generation gathers its parameters once);
+        collective over the TP group, and over the DP group through ZeRO-3's gathers when scoring."""
+        from pipeline.eval.risks import risks, sample
+
+        common = dict(vocab_size=self.cfg.model.vocab_size, eos_id=self.eos_id, seed=self.cfg.seed,
+                      group=self.ctx.tp_group)
+        if self.teacher_samples is None:
+            self.teacher_samples = sample(self.teacher, self.prompts, self.keys, self.cfg.eval.sampling, **common)
+        out = risks(student, self.teacher, self.prompts, self.keys, self.cfg.eval.sampling,
+                    teacher_samples=self.teacher_samples, **common)
+        return {"eval/r_llh": out["r_llh"], "eval/r_cvg": out["r_cvg"]}

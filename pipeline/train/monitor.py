@@ -71,7 +71,8 @@ def format_eval_line(step: int, scalars: dict[str, float]) -> str:
     """One console line for an evaluation, e.g. 'eval @ step 500 | ppl 31.2 | div 0.412 | top1 0.450'."""
     parts = [f"eval @ step {step}"]
     for tag, label, fmt in (("eval/perplexity", "ppl", ".1f"), ("eval/loss", "loss", ".3f"),
-                            ("eval/divergence", "div", ".3f"), ("eval/top1_agreement", "top1", ".3f")):
+                            ("eval/divergence", "div", ".3f"), ("eval/top1_agreement", "top1", ".3f"),
+                            ("eval/r_llh", "R_llh", ".3f"), ("eval/r_cvg", "R_cvg", ".3f")):
         if tag in scalars:
             parts.append(f"{label} {scalars[tag]:{fmt}}")
     return " | ".join(parts)

@@ -33,6 +33,9 @@ def check_settings(cfg: TrainConfig) -> None:
                          "next-token training")
     if cfg.data.eval_teacher_cache and not cfg.data.eval_tokens:
         raise TrainError("data.eval_teacher_cache is set but data.eval_tokens is empty; set both or neither")
+    if cfg.eval.teacher and not cfg.data.eval_tokens:
+        raise TrainError("eval.teacher is set (risks) but data.eval_tokens is empty; the risks' prompts come from "
+                         "the held-out shards: set data.eval_tokens, or leave eval.teacher empty")
     tokens = ShardSet(cfg.data.tokens).manifest
     if tokens.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the token shards "

@@ -116,6 +116,8 @@ def test_durations_and_eta():
 def test_eval_line_format():
     line = format_eval_line(500, {"eval/perplexity": 31.24, "eval/divergence": 0.4121, "eval/top1_agreement": 0.45})
     assert line == "eval @ step 500 | ppl 31.2 | div 0.412 | top1 0.450"
+    assert format_eval_line(7, {"eval/loss": 2.0, "eval/r_llh": 3.21, "eval/r_cvg": 4.5678}) == \
+        "eval @ step 7 | loss 2.000 | R_llh 3.210 | R_cvg 4.568"
 
 
 def test_console_every_and_final_step(tmp_path):

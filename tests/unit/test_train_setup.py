@@ -55,6 +55,7 @@ def test_deepspeed_config_follows_the_typed_config_and_merges_overrides():
     (["model.vocab_size=200"], "model.vocab_size=200 is smaller than the vocabulary"),
     (["loss.temperature=2.0"], "was written at temperature 1.0"),
     (["data.eval_teacher_cache=x"], "data.eval_tokens is empty"),
+    (["eval.teacher=x"], "eval.teacher is set .* data.eval_tokens is empty"),
 ])
 def test_wrong_settings_are_refused_by_name(data, tmp_path, extra, needle):
     folder, tokens, cache, _ = data
