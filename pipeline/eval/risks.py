@@ -35,7 +35,7 @@ from torch import Tensor
 
 from pipeline.config import SamplingConfig
 from pipeline.eval.errors import RiskError
-from pipeline.generate.decode import Generation, gathered_parameters, generate
+from pipeline.generate.decode import Generation, for_generation, generate
 from pipeline.losses.shard import Shard, all_reduce, label_logits, row_max
 
 SCORE_BATCH = 8  # rows per scoring forward
@@ -101,15 +101,15 @@ def score_continuations(model, prompts: Sequence[Tensor], continuations: Sequenc
         raise ValueError(f"continuations: expected one per prompt ({len(prompts)}), got {len(continuations)}")
     device = next(model.parameters()).device
     out: list[Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with gathered_parameters(model):
+    with for_generation(model) as module:  # a ZeRO-3 engine: gathered once, no per-layer gathers
+        was_training = module.training
+        module.eval()
+        try:
             for start in range(0, len(prompts), batch):
                 rows = list(zip(prompts[start: start + batch], continuations[start: start + batch]))
-                out += _score_batch(model, rows, device, vocab_size, group)
-    finally:
-        model.train(was_training)
+                out += _score_batch(module, rows, device, vocab_size, group)
+        finally:
+            module.train(was_training)
     return out
 
 

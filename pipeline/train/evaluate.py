@@ -21,11 +21,9 @@ first evaluation and reused (a fixed teacher with seeded draws would draw them a
 Design choice: eval runs the same engine (under ZeRO-3 every rank gathers the same parameters in the
 same order, so every DP rank does the same number of forwards); the cost is that eval time is not
 spread over idle ranks: a rank with nothing left to read would still have to join the gathers. For
-the same reason every DP rank generates and scores ALL the risk prompts rather than a share: generation
-gathers the student once per call (no DP collective per step), but scoring the teacher's samples runs
-ZeRO-3 forwards, which must stay in lockstep over the DP group, and identical work guarantees that; the
-cost is that the risks take as long at dp = 8 as at dp = 1 (and no DP all-reduce is needed: every rank
-has the figure).
+the risks, each DP rank takes its share of the prompts (every dp-th) and the sums are all-reduced over
+the DP group: generation and scoring gather the student once per call (`generate.for_generation`), so
+ranks whose rows stop at EOS after different numbers of steps hold no collective in between.
 """
 from __future__ import annotations
 
@@ -113,14 +111,14 @@ class RiskEval:
         self.teacher = load_model(cfg.eval.teacher, ctx, cfg.compute).eval().requires_grad_(False)
         check_vocabularies(cfg.model.vocab_size, self.teacher.model_config.vocab_size,
                            student="(model.vocab_size)", teacher=f"eval.teacher={cfg.eval.teacher}")
-        # every DP rank takes all the prompts (rank 0 of a DP group of one): see the module docstring
-        self.prompts, self.keys = heldout_prompts(cfg.data.eval_tokens, cfg.eval.risk_prompts, cfg.eval.prompt_len)
+        self.prompts, self.keys = heldout_prompts(cfg.data.eval_tokens, cfg.eval.risk_prompts, cfg.eval.prompt_len,
+                                                  rank=ctx.dp_rank, size=ctx.dp_size)
         self.eos_id = ShardSet(cfg.data.eval_tokens).manifest.eos_id
         self.teacher_samples = None
 
     def run(self, student) -> dict:
-        """eval/r_llh and eval/r_cvg of `student` (the DeepSpeed engine: generation gathers its parameters once);
-        collective over the TP group, and over the DP group through ZeRO-3's gathers when scoring."""
+        """eval/r_llh and eval/r_cvg of `student` (the DeepSpeed engine: generation and scoring gather its
+        parameters once per call); collective over the TP group and, for the pooled sums, the DP group."""
         from pipeline.eval.risks import risks, sample
 
         common = dict(vocab_size=self.cfg.model.vocab_size, eos_id=self.eos_id, seed=self.cfg.seed,
@@ -128,5 +126,5 @@ class RiskEval:
         if self.teacher_samples is None:
             self.teacher_samples = sample(self.teacher, self.prompts, self.keys, self.cfg.eval.sampling, **common)
         out = risks(student, self.teacher, self.prompts, self.keys, self.cfg.eval.sampling,
-                    teacher_samples=self.teacher_samples, **common)
+                    teacher_samples=self.teacher_samples, dp_group=self.ctx.dp_group, **common)
         return {"eval/r_llh": out["r_llh"], "eval/r_cvg": out["r_cvg"]}
