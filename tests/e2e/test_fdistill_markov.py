@@ -11,9 +11,10 @@ exported student over the teacher's samples, likelihood risk straight from the t
 the student's samples.
 
 Why the ordering does not flake: everything is seeded; the KL student sees a whole next-token
-distribution at each of its positions where the CE student sees one draw, which on this language and
-budget (tests/e2e/test_train_distillation.py) is a perplexity gap of more than 2×; the coverage risk is
-the student's cross-entropy on the language's own samples, so it inherits that gap.
+distribution at each of its positions where the CE student sees one draw; the coverage risk is the
+student's cross-entropy on the language's own samples. Measured over student seeds 1-3: R_cvg 2.499-2.507
+for KL against 3.572-3.597 for CE (asked: KL below 0.9 × CE; measured 0.70), R_llh 3.74-3.87 against
+7.22-7.69.
 """
 from __future__ import annotations
 
@@ -71,6 +72,56 @@ def _prompts(root: Path) -> tuple[list[torch.Tensor], list[str]]:
     return [row[:PROMPT] for row in batch["tokens"]], batch["keys"]
 
 
-def test_placeholder(setup):
+
+def _distill_eval(root: Path, student: Path, out: Path) -> dict:
+    from pipeline.cli import main
+
+    assert main(["eval", "--student", str(student), "--teacher", str(root / "teacher"), "--tokens",
+                 str(root / "heldout"), "--prompts", str(RISK_PROMPTS), "--prompt-len", str(PROMPT),
+                 "--max-new-tokens", str(SEQ_LEN - PROMPT), "--seed", "5", "--vocab-multiple", "64",
+                 "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def measured(setup):
+    root, _, students = setup
+    return {name: _distill_eval(root, folder, root / f"risks_{name}.json") for name, folder in students.items()}
+
+
+def test_kl_on_teacher_samples_covers_the_teacher_better_than_ce(measured):
+    kl, ce = measured["kl"], measured["ce"]
+    assert kl["r_cvg"] < 0.9 * ce["r_cvg"], (kl, ce)
+
+
+def test_distill_eval_risks_equal_a_direct_computation(setup, measured):
+    """R_cvg: the exported KL student (transformers) over the teacher's samples; R_llh: −log T of the chain
+    over the student's samples. The samples are drawn as `distill eval` draws them (same seed and keys)."""
+    import transformers
+
+    from pipeline.config import SamplingConfig
+    from pipeline.generate import generate
+    from pipeline.model import load_hf
+    from pipeline.parallel import ParallelContext
+
     root, language, students = setup
-    print(_prompts(root)[1][:3])
+    prompts, keys = _prompts(root)
+    sampling = SamplingConfig(top_k=30, max_new_tokens=SEQ_LEN - PROMPT)
+    common = dict(vocab_size=300, eos_id=language.eos_id, seed=5)
+    with ParallelContext.from_env() as ctx:
+        teacher_rows = generate(load_hf(root / "teacher", ctx), prompts, keys, sampling, **common).tokens
+        student_rows = generate(load_hf(students["kl"], ctx), prompts, keys, sampling, **common).tokens
+    student = transformers.AutoModelForCausalLM.from_pretrained(students["kl"]).eval()
+    nll = []
+    with torch.no_grad():
+        for prompt, row in zip(prompts, teacher_rows):
+            sequence = torch.cat([prompt, row])[None]
+            logp = student(input_ids=sequence).logits[0].double().log_softmax(-1)
+            nll += [-float(logp[PROMPT - 1 + i, int(token)]) for i, token in enumerate(row)]
+    log_t = np.log(np.maximum(language.transitions, 1e-9))
+    llh = [-log_t[int(torch.cat([p, r])[PROMPT - 1 + i]), int(token)]
+           for p, r in zip(prompts, student_rows) for i, token in enumerate(r)]
+    kl = measured["kl"]
+    assert kl["cvg_tokens"] == len(nll) and kl["llh_tokens"] == len(llh)
+    assert math.isclose(kl["r_cvg"], float(np.mean(nll)), rel_tol=1e-5)
+    assert math.isclose(kl["r_llh"], float(np.mean(llh)), rel_tol=1e-4)
