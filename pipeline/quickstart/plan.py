@@ -6,9 +6,9 @@ the same commands a user would type (OUT/commands.sh lists them), so what the de
 pipeline does, and each stage can be rerun or changed by hand. The cost: every stage is a new process
 (a few seconds of imports each).
 
-Layout of OUT: tokenizer.json, data/{train,heldout}, runs/<name>/ (checkpoints, tensorboard, metrics),
-teacher_hf/, cache/{train_topk,heldout_topk,train_sampled}, student_hf/, configs/, logs/, results.{md,csv},
-loss_curves.png.
+Layout of OUT: tokenizer.json, data/{train,heldout,prompts}, runs/<name>/ (checkpoints, tensorboard,
+metrics), teacher_hf/, cache/{train_topk,heldout_topk,train_sampled,train_teacher_sampled(/generated)},
+student_hf/, configs/, logs/, results.{md,csv}, loss_curves.png.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 TEACHER = "teacher"
 BASELINE = "ce"
 SAMPLED = "kl_sampled"
+TEACHER_SAMPLED = "kl_teacher"
 
 
 @dataclass
@@ -52,6 +53,7 @@ class StudentRun:
     label: str
     ce_weight: float = 0.0
     kl_warmup_steps: int = 0
+    tokens: str = "data/train"  # its token shards, relative to OUT
 
     def loss(self) -> dict:
         """The run's loss section."""
@@ -81,6 +83,10 @@ def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
                                cfg.ce_weight, warm))
     if cfg.sampled:
         runs.append(StudentRun(SAMPLED, "kl", "train_sampled", f"KL to {cfg.cache.draws} samples"))
+    if cfg.teacher_sampled.prompts:
+        runs.append(StudentRun(TEACHER_SAMPLED, "kl", "train_teacher_sampled",
+                               f"KL to top-{cfg.cache.k}{mix} along the teacher's samples", cfg.ce_weight,
+                               tokens="cache/train_teacher_sampled/generated"))
     return runs
 
 
@@ -106,7 +112,11 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
     ]
     if cfg.sampled:
         stages.append(_cache_stage(cfg, out, "train_sampled", "train", "sampled"))
-    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}")
+    if cfg.teacher_sampled.prompts:
+        prompt_files = resolve_inputs(cfg.teacher_sampled.prompts, "teacher_sampled.prompts")
+        stages += [_shard_stage("shards_prompts", "prompt", prompt_files, tokenizer, data / "prompts", cfg, workers),
+                   _cache_stage(cfg, out, "train_teacher_sampled", "prompts", "topk")]
+    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}", run.tokens)
                for run in student_runs(cfg)]
     pick = pick_student or (lambda: BASELINE)
     stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
@@ -122,21 +132,24 @@ def _shard_stage(name: str, what: str, files: list[str], tokenizer: Path, folder
                   "--seq-len", str(cfg.corpus.seq_len), "--workers", str(min(workers, len(files)))])
 
 
-def _train_stage(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str, title: str) -> Stage:
+def _train_stage(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str, title: str,
+                 tokens: str = "data/train") -> Stage:
     path = out / "configs" / f"train_{name}.yaml"
-    settings = train_settings(cfg, out, name, loss, cache)
+    settings = train_settings(cfg, out, name, loss, cache, tokens)
     return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
                  {path: dump_yaml(settings)})
 
 
-def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str) -> TrainConfig:
-    """The train config of one quickstart run (the teacher when name is TEACHER); `loss` its loss section."""
+def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str,
+                   tokens: str = "data/train") -> TrainConfig:
+    """The train config of one quickstart run (the teacher when name is TEACHER); `loss` its loss section,
+    `tokens` its token shards relative to OUT (the teacher-generated ones for the teacher-sampled student)."""
     teacher = name == TEACHER
     size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
     every = max(1, run.steps // run.evals)
     return from_dict(TrainConfig, {
         "seed": cfg.seed, "run_dir": str(out / "runs" / name),
-        "data": {"tokens": str(out / "data" / "train"), "teacher_cache": str(out / "cache" / cache) if cache else "",
+        "data": {"tokens": str(out / tokens), "teacher_cache": str(out / "cache" / cache) if cache else "",
                  "eval_tokens": str(out / "data" / "heldout"),
                  "eval_teacher_cache": "" if teacher else str(out / "cache" / "heldout_topk"),
                  "tokenizer": str(out / "tokenizer.json"), "num_workers": 0},
@@ -148,17 +161,30 @@ def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cach
         "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},
         "schedule": {"steps": run.steps, "micro_batch": run.micro_batch},
         "checkpoint": {"every": every, "keep": 1},
-        "eval": {"every": every, "batches": cfg.eval_batches},
+        "eval": {"every": every, "batches": cfg.eval_batches, **({} if teacher else _risk_settings(cfg, out))},
         "log": {"console_every": max(1, run.steps // 10)},
     })
 
 
+def _risk_settings(cfg: QuickstartConfig, out: Path) -> dict:
+    """The eval settings that measure a student's risks against the exported teacher (none when off)."""
+    risks = cfg.risks
+    if not risks.prompts:
+        return {}
+    return {"teacher": str(out / "teacher_hf"), "risk_prompts": risks.prompts, "prompt_len": risks.prompt_len,
+            "sampling": {"top_k": 30, "max_new_tokens": risks.max_new_tokens}}
+
+
 def _cache_stage(cfg: QuickstartConfig, out: Path, name: str, split: str, mode: str) -> Stage:
     path = out / "configs" / f"cache_{name}.yaml"
+    generated = split == "prompts"
+    prefixes = {"source": "teacher", "prompt_len": cfg.teacher_sampled.prompt_len,
+                "sampling": {"top_k": cfg.teacher_sampled.top_k}} if generated else {}
     settings = from_dict(CacheConfig, {
         "seed": cfg.seed, "teacher": str(out / "teacher_hf"), "tokens": str(out / "data" / split),
-        "output": str(out / "cache" / name), "micro_batch": 16,
+        "output": str(out / "cache" / name), "micro_batch": 16, "prefixes": prefixes,
         "compute": {"vocab_multiple": 64}, "targets": {"mode": mode, "k": cfg.cache.k, "draws": cfg.cache.draws}})
     what = f"top-{cfg.cache.k} + rest mass" if mode == "topk" else f"{cfg.cache.draws} sampled draws"
-    return Stage(f"cache_{name}", f"cache the teacher's {what} for the {split} shards",
+    where = "along its own continuations of the prompt shards" if generated else f"for the {split} shards"
+    return Stage(f"cache_{name}", f"cache the teacher's {what} {where}",
                  ["cache", "--config", str(path)], {path: dump_yaml(settings)})

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from pipeline.train.monitor import read_metrics
 
-COLUMNS = ("run", "loss", "heldout_ppl", "vs_ce", "kl_to_teacher", "top1_agreement", "tokens_per_s", "train_s")
+COLUMNS = ("run", "loss", "heldout_ppl", "vs_ce", "kl_to_teacher", "top1_agreement", "r_llh", "r_cvg",
+           "tokens_per_s", "train_s")
 HEADINGS = ("run", "trained with", "held-out ppl", "ppl vs CE", "KL(teacher‖student)", "top-1 agreement",
-            "tokens/s", "train time (s)")
+            "R_llh", "R_cvg", "tokens/s", "train time (s)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Result:
     tokens_per_s: float
     train_s: float
     vs_ce: float | None = None
+    r_llh: float | None = None
+    r_cvg: float | None = None
 
 
 def read_result(run_dir: Path, name: str, label: str, seconds: float) -> Result:
@@ -47,7 +50,8 @@ def read_result(run_dir: Path, name: str, label: str, seconds: float) -> Result:
     last = evals[-1]
     speeds = [row["perf/tokens_per_s"] for row in rows if row.get("kind") == "train" and row["step"] > 1]
     return Result(name, label, last["eval/perplexity"], last.get("eval/divergence"), last.get("eval/top1_agreement"),
-                  statistics.median(speeds) if speeds else 0.0, seconds)
+                  statistics.median(speeds) if speeds else 0.0, seconds, r_llh=last.get("eval/r_llh"),
+                  r_cvg=last.get("eval/r_cvg"))
 
 
 def with_ratios(results: list[Result], baseline: str) -> list[Result]:
@@ -62,6 +66,7 @@ def _cells(result: Result) -> list[str]:
 
     return [result.run, result.loss, number(result.heldout_ppl, ".2f"), number(result.vs_ce, ".3f"),
             number(result.kl_to_teacher, ".4f"), number(result.top1_agreement, ".3f"),
+            number(result.r_llh, ".3f"), number(result.r_cvg, ".3f"),
             number(result.tokens_per_s, ",.0f"), number(result.train_s, ".0f")]
 
 
@@ -91,7 +96,10 @@ def write_tables(out: Path, results: list[Result], command: str, total_s: float)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# Quickstart results\n\n{markdown_table(results)}\n"
             f"Held-out: the same samples for every run. KL and top-1 agreement are against the teacher's "
-            f"cached top-K targets; tokens/s is the median training throughput.\n\n"
+            f"cached top-K targets. R_llh (likelihood risk: −log p_teacher over the student's samples, high = "
+            f"mode averaging) and R_cvg (coverage risk: −log q_student over the teacher's samples, high = mode "
+            f"collapse) are f-DISTILL's, in nats per token, from held-out prompts sampled at top-k 30, T = 1. "
+            f"tokens/s is the median training throughput.\n\n"
             f"- date: {stamp}\n- machine: {machine()}\n- command: `{command}`\n"
             f"- wall time: {total_s / 60:.1f} min (all stages)\n")
     (out / "results.md").write_text(text)
@@ -99,7 +107,7 @@ def write_tables(out: Path, results: list[Result], command: str, total_s: float)
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     for r in results:
-        writer.writerow([r.run, r.loss, r.heldout_ppl, r.vs_ce, r.kl_to_teacher, r.top1_agreement,
+        writer.writerow([r.run, r.loss, r.heldout_ppl, r.vs_ce, r.kl_to_teacher, r.top1_agreement, r.r_llh, r.r_cvg,
                          round(r.tokens_per_s, 1), round(r.train_s, 2)])
     (out / "results.csv").write_text(buffer.getvalue())
     return text

@@ -29,7 +29,8 @@ SMOKE = [f"corpus.train=[{AUSTEN}/northanger_abbey.jsonl.gz]", "corpus.vocab_siz
          "teacher_run.steps=128", "teacher_run.lr=0.03", "teacher_run.micro_batch=4", "teacher_run.warmup_steps=2",
          "teacher_run.evals=1", "student_run.steps=48", "student_run.lr=0.03", "student_run.micro_batch=4",
          "student_run.warmup_steps=2", "student_run.evals=2",
-         "cache.k=8", "cache.draws=8", "eval_batches=2"]
+         "cache.k=8", "cache.draws=8", "eval_batches=2", "teacher_sampled.prompt_len=8", "risks.prompts=4",
+         "risks.prompt_len=8", "risks.max_new_tokens=8"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,29 @@ class CacheTargetsConfig:
 
 
 @dataclass(frozen=True)
+class TeacherSampledConfig:
+    """One more student: forward KL along sequences the teacher sampled itself (f-DISTILL's KL)."""
+
+    prompts: list[str] = setting(
+        [f"{AUSTEN}/northanger_abbey.jsonl.gz"],
+        "Text the prompts are cut from (one token sample each); the teacher continues every one once and the "
+        "student reuses the continuations for its whole budget (f-DISTILL: sample once, same quality). One "
+        "training novel keeps the sampling to about a minute on 2 cores; [] = no teacher-sampled student.")
+    prompt_len: int = setting(32, "Tokens of each sample kept as the prompt; the teacher writes the rest.", positive)
+    top_k: int = setting(30, "The teacher samples among its top_k ids at temperature 1 (f-DISTILL's 30).", positive)
+
+
+@dataclass(frozen=True)
+class RisksConfig:
+    """f-DISTILL's likelihood and coverage risks, measured at every student evaluation."""
+
+    prompts: int = setting(32, "Held-out prompts student and teacher continue (top-k 30 at T = 1) at each "
+                               "evaluation; 0 = no risk columns.", at_least(0))
+    prompt_len: int = setting(32, "Tokens per prompt.", positive)
+    max_new_tokens: int = setting(64, "Most tokens each continuation has.", positive)
+
+
+@dataclass(frozen=True)
 class QuickstartConfig:
     """`distill quickstart`: tokenizer, token shards, a teacher, its caches, then one student per loss, compared."""
 
@@ -126,4 +150,6 @@ class QuickstartConfig:
         at_least(0))
     sampled: bool = setting(True, "Also train one student with forward KL alone on the sampled cache (unbiased "
                                   "for the whole distribution, tail included, so it needs no labels).")
+    teacher_sampled: TeacherSampledConfig = section(TeacherSampledConfig, "The student on the teacher's own samples.")
+    risks: RisksConfig = section(RisksConfig, "Likelihood and coverage risks of every student.")
     eval_batches: int = setting(16, "Held-out micro-batches per evaluation.", positive)

@@ -9,11 +9,13 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import CacheConfig, ConfigError, TrainConfig, load_config
 from pipeline.quickstart import _bind_folder
-from pipeline.quickstart.plan import SAMPLED, TEACHER, build_plan, resolve_inputs, student_runs
+from pipeline.quickstart.plan import SAMPLED, TEACHER, TEACHER_SAMPLED, build_plan, resolve_inputs, student_runs
 from pipeline.quickstart.report import Result, markdown_table, read_result, with_ratios
 from pipeline.quickstart.settings import SMOKE, QuickstartConfig
 
@@ -33,7 +35,8 @@ def test_plan_runs_every_stage_in_order(tmp_path):
     stages = build_plan(_config(), tmp_path)
     assert [s.name for s in stages] == [
         "tokenizer", "shards_train", "shards_heldout", "teacher", "teacher_export", "cache_train_topk",
-        "cache_heldout_topk", "cache_train_sampled", "ce", "kl", "rkl", "js", "tvd", SAMPLED, "student_export"]
+        "cache_heldout_topk", "cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled", "ce", "kl", "rkl",
+        "js", "tvd", SAMPLED, TEACHER_SAMPLED, "student_export"]
     assert all(s.command()[1:3] == ["-m", "pipeline"] for s in stages)
 
 
@@ -47,21 +50,27 @@ def test_students_differ_only_in_their_loss(tmp_path):
     for name, cfg in configs.items():
         for part in ("model", "schedule", "optim", "eval", "compute"):
             assert getattr(cfg, part) == getattr(configs["ce"], part), (name, part)
-        assert cfg.seed == configs["ce"].seed and cfg.data.tokens == configs["ce"].data.tokens
+        assert cfg.seed == configs["ce"].seed
+        assert cfg.data.tokens == configs["ce"].data.tokens or name == TEACHER_SAMPLED
         assert cfg.data.eval_teacher_cache.endswith("heldout_topk")
+        assert cfg.eval.teacher.endswith("teacher_hf") and cfg.eval.risk_prompts > 0  # every student's risks
     assert configs["ce"].data.teacher_cache == ""
     assert {name: cfg.loss.divergence for name, cfg in configs.items()} == {
-        "ce": "ce", "kl": "kl", "rkl": "rkl", "js": "js", "tvd": "tvd", SAMPLED: "kl"}
+        "ce": "ce", "kl": "kl", "rkl": "rkl", "js": "js", "tvd": "tvd", SAMPLED: "kl", TEACHER_SAMPLED: "kl"}
     assert configs[SAMPLED].data.teacher_cache.endswith("train_sampled")
     assert configs["js"].loss.ce_weight == 0.5 and configs[SAMPLED].loss.ce_weight == 0.0
     assert configs["js"].data.teacher_cache.endswith("train_topk")
+    sampled_prefixes = _read_config(CacheConfig, next(s for s in stages if s.name == "cache_train_teacher_sampled"))
+    assert sampled_prefixes.prefixes.source == "teacher" and sampled_prefixes.tokens.endswith("data/prompts")
+    assert configs[TEACHER_SAMPLED].data.tokens == str(Path(sampled_prefixes.output) / "generated")
+    assert configs[TEACHER_SAMPLED].data.teacher_cache == sampled_prefixes.output
 
 
 def test_kl_warmup_goes_to_the_bounded_and_reverse_students_only(tmp_path):
     stages = build_plan(_config("kl_warmup_steps=7", "student_run.steps=5"), tmp_path)
     configs = {s.name: _read_config(TrainConfig, s) for s in stages if s.command()[3] == "train"}
     warm = {name: cfg.loss.kl_warmup_steps for name, cfg in configs.items()}
-    assert warm == {TEACHER: 0, "ce": 0, "kl": 0, "rkl": 5, "js": 5, "tvd": 5, SAMPLED: 0}  # clipped to the run
+    assert warm == {TEACHER: 0, "ce": 0, "kl": 0, "rkl": 5, "js": 5, "tvd": 5, SAMPLED: 0, TEACHER_SAMPLED: 0}  # clipped to the run
     labels = {run.name: run.label for run in student_runs(_config("kl_warmup_steps=3"))}
     assert labels["js"].endswith("after 3 steps of KL") and "KL" not in labels["kl"].split("to")[1]
     assert all(run.kl_warmup_steps == 0 for run in student_runs(_config("kl_warmup_steps=0")))
@@ -77,10 +86,13 @@ def test_cache_configs_follow_the_quickstart_config(tmp_path):
 
 
 def test_choice_of_students(tmp_path):
-    names = [run.name for run in student_runs(_config("divergences=[js]", "sampled=false"))]
+    off = ("divergences=[js]", "sampled=false", "teacher_sampled.prompts=[]", "risks.prompts=0")
+    names = [run.name for run in student_runs(_config(*off))]
     assert names == ["ce", "js"]
-    stages = build_plan(_config("divergences=[js]", "sampled=false"), tmp_path)
-    assert "cache_train_sampled" not in [s.name for s in stages]
+    stages = build_plan(_config(*off), tmp_path)
+    assert not {"cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled"} & {s.name for s in stages}
+    js = _read_config(TrainConfig, next(s for s in stages if s.name == "js"))
+    assert js.eval.teacher == ""  # no risks
     with pytest.raises(ConfigError, match="divergences"):
         _config("divergences=[ce]")  # the baseline is always there; ce is not a divergence to a teacher
 
@@ -114,12 +126,14 @@ def test_results_read_back_from_metrics(tmp_path):
     _write_metrics(tmp_path / "ce", train + [{"step": 3, "kind": "eval", "eval/perplexity": 50.0,
                                                "eval/divergence": 0.5, "eval/top1_agreement": 0.4}])
     _write_metrics(tmp_path / "kl", train + [{"step": 3, "kind": "eval", "eval/perplexity": 40.0,
-                                               "eval/divergence": 0.2, "eval/top1_agreement": 0.6}])
+                                               "eval/divergence": 0.2, "eval/top1_agreement": 0.6,
+                                               "eval/r_llh": 4.25, "eval/r_cvg": 3.5}])
     results = with_ratios([read_result(tmp_path / n, n, n.upper(), 9.0) for n in ("ce", "kl")], "ce")
     assert results[1].vs_ce == pytest.approx(0.8)
     assert results[0].tokens_per_s == 200.0  # median without the first step
     table = markdown_table(results)
-    assert "| kl | KL | 40.00 | 0.800 | 0.2000 | 0.600 | 200 | 9 |" in table
+    assert "| kl | KL | 40.00 | 0.800 | 0.2000 | 0.600 | 4.250 | 3.500 | 200 | 9 |" in table
+    assert "| ce | CE | 50.00 | 1.000 | 0.5000 | 0.400 |  |  | 200 | 9 |" in table  # a run without risks
     _write_metrics(tmp_path / "broken", train)
     with pytest.raises(ValueError, match="broken/metrics.jsonl: no eval"):
         read_result(tmp_path / "broken", "broken", "", 0.0)
