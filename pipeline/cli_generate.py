@@ -237,11 +237,11 @@ def _text_prompts(path: str, tokenizer, limit: Optional[int]) -> list[Prompt]:
 
 
 def _shard_prompts(folder: str, length: int, limit: Optional[int]) -> tuple[list[Prompt], int]:
-    from pipeline.data.shards import ShardReader
+    from pipeline.data.shards import ShardReader, is_local
     from pipeline.data.sources import ShardSet
     from tokenization.format import decode_sample
 
-    if not Path(folder).is_dir():
+    if is_local(folder) and not Path(folder).is_dir():  # a URL prefix is read with webdataset's gopen
         raise GenerateError(f"{folder}: no such token-shard folder")
     shards = ShardSet(folder)
     manifest = shards.manifest

@@ -148,3 +148,16 @@ def test_bad_input_is_a_clear_error(llama, prompt_file, tmp_path, capsys):
     err = _error([str(folder), "--tokens", str(wide), "--prompt-len", "9"], capsys)
     assert "outside the model's vocabulary of 300" in err
     assert not out.exists()
+
+
+def test_tp_checkpoint_generates_what_its_hf_folder_generates(llama, tmp_path):
+    folder, _ = llama
+    assert main(["convert", "hf-to-tp", str(folder), str(tmp_path / "tp1"), "--tp", "1", "--vocab-multiple", "64"]) == 0
+    make_token_shards(tmp_path / "shards", [4], seq_len=8, vocab_size=VOCAB)
+    args = ["--tokens", str(tmp_path / "shards"), "--prompt-len", "3", "--max-new-tokens", "5", "--top-p", "0.9",
+            "--no-progress"]
+    assert main(["generate", str(folder), *args, "--output", str(tmp_path / "hf.jsonl")]) == 0
+    assert main(["generate", str(tmp_path / "tp1"), *args, "--output", str(tmp_path / "tp.jsonl")]) == 0
+    hf, tp = _jsonl(tmp_path / "hf.jsonl"), _jsonl(tmp_path / "tp.jsonl")
+    assert [r["completion_ids"] for r in tp] == [r["completion_ids"] for r in hf]
+    assert all(r["prompt"] is None and r["completion"] is None for r in tp)  # the TP folder holds no tokenizer
