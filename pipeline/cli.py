@@ -19,6 +19,7 @@ from typing import Sequence
 
 from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_eval import add_eval_command
+from pipeline.cli_generate import GenerateError, add_generate_command
 from pipeline.cli_model import add_model_commands
 from pipeline.cli_quickstart import add_quickstart_command
 from pipeline.cli_train import add_train_commands
@@ -42,6 +43,7 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   export     the student as a Hugging Face checkpoint
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
+  generate   sample continuations of prompts (a text file or token shards) from any checkpoint
   quickstart all of the above on the shipped Austen corpus, on CPU: one student per loss, compared
 Checks: verify-shards (token shards), verify-cache (a teacher cache). Every stage reads a YAML
 config that overrides can change on the command line (section.key=value); `distill config` shows
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(commands)
     add_train_commands(commands)
     add_eval_command(commands)
+    add_generate_command(commands)
     add_quickstart_command(commands)
     return parser
 
@@ -266,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError,
-            TrainError, RiskError) as err:
+            TrainError, RiskError, GenerateError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
