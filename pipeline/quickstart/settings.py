@@ -108,7 +108,11 @@ class TeacherSampledConfig:
         "student reuses the continuations for its whole budget (f-DISTILL: sample once, same quality). One "
         "training novel keeps the sampling to about a minute on 2 cores; [] = no teacher-sampled student.")
     prompt_len: int = setting(32, "Tokens of each sample kept as the prompt; the teacher writes the rest.", positive)
-    top_k: int = setting(30, "The teacher samples among its top_k ids at temperature 1 (f-DISTILL's 30).", positive)
+    top_k: int = setting(
+        0, "The teacher samples among its top_k ids at temperature 1; 0 = from its whole distribution. f-DISTILL "
+           "used 30, but then no sampled sequence holds a token outside the teacher's 30 likeliest, the top-K "
+           "targets give only the rest's total mass, and the student never learns the tail: in the smoke "
+           "quickstart its held-out perplexity was 1083 with 30 against 217 with 0 (CE: 202).", at_least(0))
 
 
 @dataclass(frozen=True)

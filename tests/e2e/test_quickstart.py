@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.quickstart.plan import SAMPLED
+from pipeline.quickstart.plan import SAMPLED, TEACHER_SAMPLED
 from pipeline.train.monitor import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNS = ["teacher", "ce", "kl", "rkl", "js", "tvd", SAMPLED]
+RUNS = ["teacher", "ce", "kl", "rkl", "js", "tvd", SAMPLED, TEACHER_SAMPLED]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,8 +49,9 @@ def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_smoke_run_finishes_and_prints_the_table(smoke):
     out, run = smoke
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "[15/15] student_export" in run.stdout
+    assert "[18/18] student_export" in run.stdout
     assert "| kl_sampled | KL to 8 samples |" in run.stdout
+    assert "| kl_teacher | KL to top-8 + 0.5·CE along the teacher's samples |" in run.stdout
 
 
 def test_results_csv_and_markdown_agree(smoke):
@@ -61,6 +62,7 @@ def test_results_csv_and_markdown_agree(smoke):
         assert float(row["tokens_per_s"]) > 0 and float(row["train_s"]) > 0
         if row["run"] != "teacher":
             assert math.isfinite(float(row["kl_to_teacher"])) and 0 <= float(row["top1_agreement"]) <= 1
+            assert 0 < float(row["r_llh"]) < 30 and 0 < float(row["r_cvg"]) < 30  # measured, in nats per token
     markdown = (out / "results.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
     assert [line.split(" | ")[0][2:] for line in table] == RUNS
