@@ -19,9 +19,19 @@ the rounds interleave the two implementations, so a burst of load on a shared ma
 rather than one implementation. The ratio is ours / transformers decode tokens/s. The sanity column
 counts greedy rows whose tokens are identical between the two.
 
+`--part cache` measures the teacher-sampled cache job (`distill cache` with `prefixes.source: teacher`)
+against generation alone on the same model: token shards of `--cache-samples` random samples of
+prompt_len + new_tokens ids are written; the job continues each sample's first prompt_len ids with
+top-k 30 sampling and writes the generated shards and the top-32 targets along them; "generation alone"
+is `generate` on the same prompts, keys, seed and batches of 16 (so it draws the same tokens), with the
+model loaded the same way. Both are timed end to end (model load included, the job's shard reading,
+second forward, encoding and writing too); the ratio is the job's generated tokens/s over generation's
+(target ≥ 0.9).
+
 Trade-offs: random weights (speed does not depend on them), one small config, TP 1 only, CPU only;
-process start, imports and checkpoint loading are not timed.
-Run: .venv/bin/python benchmarks/generate.py [--batch 1 16] [--prompt-len 64] [--new-tokens 64] [--rounds 2]
+process start and imports are not timed, nor checkpoint loading in the decode part.
+Run: .venv/bin/python benchmarks/generate.py [--part decode cache] [--batch 1 16] [--prompt-len 64]
+     [--new-tokens 64] [--rounds 2] [--cache-samples 64]
 """
 from __future__ import annotations
 
@@ -57,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", nargs="+", choices=("decode", "cache"), default=["decode", "cache"])
+    p.add_argument("--cache-samples", type=int, default=64)
     return p.parse_args(argv)
 
 
@@ -166,21 +178,84 @@ def table(best: dict, greedy: dict, args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def write_token_shards(args: argparse.Namespace, folder: Path) -> int:
+    """A token-shard folder of `--cache-samples` random samples (seq_len = prompt + new − 1); the EOS id is
+    the last id, which the prompts never hold. Returns the EOS id."""
+    import hashlib
+
+    from tokenization.format import SHARD_SUFFIX, Manifest, ShardEntry, ShardWriter, encode_sample, write_manifest
+    folder.mkdir(parents=True)
+    seq_len, eos = args.prompt_len + args.new_tokens - 1, args.vocab - 1
+    ids = torch.randint(0, eos, (args.cache_samples, seq_len + 1), generator=torch.Generator().manual_seed(3))
+    dtype = "uint16" if args.vocab < 65536 else "uint32"
+    name = f"bench-00000{SHARD_SUFFIX}"
+    with open(folder / name, "wb") as file, ShardWriter(file) as writer:
+        for row, tokens in enumerate(ids.numpy().astype(dtype)):
+            writer.write(encode_sample(f"s{row:05d}", tokens, torch.tensor([0, seq_len + 1]).int().numpy()))
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    write_manifest(folder, Manifest("b" * 64, args.vocab, eos, seq_len, "concat",
+                                    (ShardEntry(name, args.cache_samples, ids.numel(), digest),), "benchmarks"))
+    return eos
+
+
+def measure_cache(args: argparse.Namespace, folder: Path, tmp: Path) -> list[str]:
+    """The teacher-sampled cache job against generation alone, same prompts and draws."""
+    from pipeline.config import CacheConfig, SamplingConfig, from_dict
+    from pipeline.data.dataset import TokenShardDataset
+    from pipeline.generate import generate
+    from pipeline.model import load_hf
+    from pipeline.parallel import ParallelContext
+    from pipeline.teacher.job import run_cache
+
+    eos = write_token_shards(args, tmp / "tokens")
+    batch = 16
+    data = TokenShardDataset(str(tmp / "tokens"), micro_batch=args.cache_samples, dp_rank=0, dp_size=1, seed=0,
+                             shuffle=False).batch(0)
+    start = time.perf_counter()
+    with ParallelContext.from_env(tp=1, backend="gloo") as ctx:
+        model = load_hf(folder, ctx).eval()
+        sampling = SamplingConfig(top_k=30, max_new_tokens=args.new_tokens)
+        generated = 0
+        for row in range(0, args.cache_samples, batch):
+            prompts = [t[: args.prompt_len] for t in data["tokens"][row: row + batch]]
+            out = generate(model, prompts, data["keys"][row: row + batch], sampling, vocab_size=args.vocab,
+                           eos_id=eos, seed=args.seed, group=ctx.tp_group)
+            generated += out.new_tokens
+    alone = time.perf_counter() - start
+    cfg = from_dict(CacheConfig, {
+        "seed": args.seed, "teacher": str(folder), "tokens": str(tmp / "tokens"), "output": str(tmp / "cache"),
+        "micro_batch": batch, "progress": False, "targets": {"mode": "topk", "k": 32},
+        "prefixes": {"source": "teacher", "prompt_len": args.prompt_len,
+                     "sampling": {"top_k": 30, "max_new_tokens": args.new_tokens}}})
+    start = time.perf_counter()
+    summary = run_cache(cfg)
+    job = time.perf_counter() - start
+    job_tokens = summary.get("generated_tokens", generated)
+    return ["| what | seconds | generated tokens | generated tokens/s | / generation alone |", "|---|---|---|---|---|",
+            f"| generation alone (load + generate) | {alone:.2f} | {generated} | {generated / alone:.1f} | 1.00 |",
+            f"| teacher-sampled cache job | {job:.2f} | {job_tokens} | {job_tokens / job:.1f} | "
+            f"{(job_tokens / job) / (generated / alone):.2f} |"]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "llama"
-        make_checkpoint(args, folder)
-        impls = [Transformers(folder), Ours(folder)]
-        best, greedy = measure(impls, args)
-        impls[1].ctx.destroy()
     import transformers
     print(f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), intermediate "
           f"{args.intermediate}, vocab {args.vocab}, float32; prompt {args.prompt_len} tokens, {args.new_tokens} new "
-          f"tokens per row (EOS off); TP 1; {torch.get_num_threads()} torch threads on {os.cpu_count()} cores "
-          f"({cpu_model()}); torch {torch.__version__}, transformers {transformers.__version__}; fastest of "
-          f"{args.rounds} rounds")
-    print("\n".join(table(best, greedy, args)))
+          f"tokens per row; TP 1; {torch.get_num_threads()} torch threads on {os.cpu_count()} cores "
+          f"({cpu_model()}); torch {torch.__version__}, transformers {transformers.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "llama"
+        make_checkpoint(args, folder)
+        if "decode" in args.part:
+            impls = [Transformers(folder), Ours(folder)]
+            best, greedy = measure(impls, args)
+            impls[1].ctx.destroy()
+            print(f"\ndecode (EOS off), fastest of {args.rounds} rounds")
+            print("\n".join(table(best, greedy, args)))
+        if "cache" in args.part:
+            print(f"\nteacher-sampled cache job, {args.cache_samples} samples, top-k 30, batches of 16")
+            print("\n".join(measure_cache(args, folder, Path(tmp))))
 
 
 if __name__ == "__main__":

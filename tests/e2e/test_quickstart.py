@@ -137,9 +137,9 @@ def test_exported_student_loads_with_its_tokenizer(smoke):
 def test_commands_are_recorded(smoke):
     out, _ = smoke
     commands = (out / "commands.sh").read_text().splitlines()
-    assert len(commands) == 15 and commands[0].startswith("distill tokenize train-tokenizer")
-    assert sum(line.startswith("distill train --config") for line in commands) == 7
-    assert len(list((out / "logs").glob("*.log"))) == 15
+    assert len(commands) == 18 and commands[0].startswith("distill tokenize train-tokenizer")
+    assert sum(line.startswith("distill train --config") for line in commands) == 8
+    assert len(list((out / "logs").glob("*.log"))) == 18
 
 
 def test_rerun_skips_finished_stages_and_changed_config_is_refused(smoke):
@@ -147,7 +147,7 @@ def test_rerun_skips_finished_stages_and_changed_config_is_refused(smoke):
     before = {path: path.stat().st_mtime_ns for path in (out / "runs").rglob("*") if path.is_file()}
     again = _quickstart(out)
     assert again.returncode == 0, again.stdout[-2000:]
-    assert again.stdout.count("(done in an earlier run, skipped)") == 15
+    assert again.stdout.count("(done in an earlier run, skipped)") == 18
     assert {path: path.stat().st_mtime_ns for path in before} == before
     refused = _quickstart(out, "student_run.steps=49")
     assert refused.returncode == 2
