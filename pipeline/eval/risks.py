@@ -139,7 +139,9 @@ def _pooled(nll: list[Tensor], device, dp_group) -> tuple[float, int]:
 def sample(model, prompts, keys, sampling: SamplingConfig, *, vocab_size: int, eos_id: Optional[int], seed: int,
            group=None) -> Generation:
     """`model`'s continuations of `prompts` as risks draws them (an empty Generation without prompts)."""
-    if not prompts:
+    if not prompts:  # a DP rank without a share still takes part in a ZeRO-3 student's collective gather
+        with for_generation(model):
+            pass
         return Generation([], [])
     return generate(model, prompts, keys, sampling, vocab_size=vocab_size, eos_id=eos_id, seed=seed, group=group)
 

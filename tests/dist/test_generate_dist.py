@@ -20,7 +20,7 @@ SETTINGS = {"greedy": SamplingConfig(mode="greedy", max_new_tokens=8),
             "top_k": SamplingConfig(top_k=30, temperature=0.8, max_new_tokens=8),
             "top_p": SamplingConfig(top_p=0.9, max_new_tokens=8),
             "both": SamplingConfig(top_k=50, top_p=0.7, temperature=1.3, max_new_tokens=8)}
-KINDS = {2: ("llama_kv4", "mistral"), 4: ("llama_kv4",)}
+KINDS = {2: ("llama_kv4", "qwen2", "mistral"), 4: ("llama_kv4",)}
 SEED = 21
 
 
@@ -92,7 +92,7 @@ def _worker(rank: int, world_size: int, root: str, eos_id: int) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    hf = {kind: make_hf_model(kind, root / kind) for kind in ("llama_kv4", "mistral")}
+    hf = {kind: make_hf_model(kind, root / kind) for kind in ("llama_kv4", "qwen2", "mistral")}
     eos_id = 17
     return root, hf, eos_id, run_distributed(_worker, 4, str(root), eos_id)
 
@@ -105,13 +105,13 @@ def single(results):
 
     root, _, eos_id, _ = results
     with ParallelContext.from_env() as ctx:
-        models = {kind: load_hf(root / kind, ctx) for kind in ("llama_kv4", "mistral")}
+        models = {kind: load_hf(root / kind, ctx) for kind in ("llama_kv4", "qwen2", "mistral")}
         per_kind = {kind: _all(model, None, eos_id, *_prompts()) for kind, model in models.items()}
         per_dp_rank = [_all(models["llama_kv4"], None, eos_id, *_prompts(r)) for r in range(4)]
     return per_kind, per_dp_rank
 
 
-@pytest.mark.parametrize("tp,kind", [(2, "llama_kv4"), (2, "mistral"), (4, "llama_kv4")])
+@pytest.mark.parametrize("tp,kind", [(2, "llama_kv4"), (2, "qwen2"), (2, "mistral"), (4, "llama_kv4")])
 def test_every_setting_draws_the_same_tokens_at_any_tp(results, single, tp, kind):
     ranks = results[3]
     per_kind, _ = single
@@ -122,7 +122,7 @@ def test_every_setting_draws_the_same_tokens_at_any_tp(results, single, tp, kind
 
 def test_greedy_at_tp2_equals_transformers(results):
     _, hf, eos_id, ranks = results
-    for kind in ("llama_kv4", "mistral"):
+    for kind in ("llama_kv4", "qwen2", "mistral"):
         for prompt, got in zip(_prompts()[0], ranks[0][2][kind]["greedy"]):
             out = hf[kind].generate(prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
                                     do_sample=False, max_new_tokens=8, eos_token_id=eos_id, pad_token_id=0)

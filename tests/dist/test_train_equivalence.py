@@ -7,6 +7,9 @@ summation order differs. DP 2 equals DP 1 to the bit here. TP 2 sums its vocabul
 products in another order: losses agree within 1e-5, and 99.9 % of parameters within 1e-5 after 6
 AdamW steps at lr 0.01; the rest are embedding rows of tokens seen once or twice, whose gradients are
 tiny, so Adam's g/√v turns fp32 rounding into differences up to a few 1e-4 (checked: 3 rows of 300).
+The final eval measures f-DISTILL's risks against the cache's teacher on 5 prompts: DP 2 splits them 3/2
+over its ranks (each gathers the ZeRO-3 student once per call, with unequal work) and must report DP 1's
+figures.
 """
 from __future__ import annotations
 
@@ -39,11 +42,17 @@ def data(tmp_path_factory):
 def test_dp2_and_tp2_match_dp1(data):
     folder, tokens, cache = data
     runs = {"dp1": dict(grad_accumulation=2), "dp2": dict(grad_accumulation=1), "tp2": dict(grad_accumulation=2, tp=2)}
+    risks = {"data.eval_tokens": tokens, "eval.teacher": folder / "teacher", "eval.risk_prompts": 5,
+             "eval.prompt_len": 4, "eval.sampling.max_new_tokens": 6, "eval.batches": 1}
     overrides = {name: student_overrides(folder / name, tokens, cache, **COMMON, **extra)
-                 for name, extra in runs.items()}
+                 + [f"{key}={value}" for key, value in risks.items()] for name, extra in runs.items()}
     assert run_distributed(_train, 1, [overrides["dp1"]]) == [[0]]
     assert run_distributed(_train, 2, [overrides["dp2"], overrides["tp2"]]) == [[0, 0], [0, 0]]
     curves = {name: losses(folder / name) for name in runs}
+    for tag in ("eval/r_llh", "eval/r_cvg"):
+        measured = {name: losses(folder / name, tag) for name in runs}
+        assert list(measured["dp1"]) == [STEPS] and 0 < measured["dp1"][STEPS] < 30
+        assert measured["dp2"][STEPS] == pytest.approx(measured["dp1"][STEPS], rel=1e-6), tag
     weights = {name: final_weights(folder / name, folder / f"{name}_hf") for name in runs}
     assert sorted(curves["dp1"]) == list(range(1, STEPS + 1))
     start = initial_tensor("model.layers.0.mlp.down_proj.weight", (64, 128), train_config(overrides["dp1"]).model, 1234)
