@@ -10,10 +10,15 @@ the targets and the student must too), and its `mask.npy` (uint8 [seq_len]) coun
 label is token t + 1, when that label is generated (`loss_on: generated`, t ≥ prompt − 1) or real
 (`all`). One pass over a token shard writes both the generated token shard (GENERATED/NAME.tar.gz, a
 token shard like any other; the manifest says packing bestfit, as a row that stops at EOS is padded)
-and, from the same samples, the cache shard of the teacher's targets at every real position, computed
-by the plain job's own path (`CacheJob._cache_decoded`). The cache's source shards are the generated
-ones, so `distill train data.tokens=GENERATED data.teacher_cache=OUTPUT` joins and checks them as any
-cache, and `distill verify-cache OUTPUT --tokens GENERATED --teacher T` recomputes them.
+and the cache shard of the teacher's targets at every real position (0 … end − 2). The targets come
+from the logits the decoder computes anyway (`generate(on_logits=TargetsAlong(...))`): the prompt
+positions' from prefill, position P − 1 + s's from decode step s, each call's rows through the plain
+job's own `_sparse_targets` (`topk_targets` / `sampled_targets`, sampled draws from `key_uniforms` at
+the absolute position) and NaN/inf check; there is no second forward. The cache's source shards are
+the generated ones, so `distill train data.tokens=GENERATED data.teacher_cache=OUTPUT` joins and
+checks them as any cache, and `distill verify-cache OUTPUT --tokens GENERATED --teacher T` recomputes
+them with a full forward (incremental logits equal it to ~1e-5 relative, far inside the top-K codec's
+bound; a sampled draw differs only where the two straddle an integer-weight boundary, ~1e-5 of a draw).
 
 Order and restart: the generated shard is published (partial file, fsync, rename) before its cache shard,
 and a shard is done only when its cache done record and its generated shard both exist; otherwise a rerun
@@ -21,11 +26,13 @@ makes both again, with the same bytes, since a row's draws depend on its key and
 batch, a rerun or the TP size). The generated manifest is written when every shard is done, then the
 cache manifest. The generated folder is bound to the job like the cache folder (identity.py).
 
-Design choice: generation and targets in one pass of one job, so the sequences are never read back; the
-costs are that the decode (one forward per new token, batched, rows dropped as they end) and the full
-forward of the targets run one after the other on the same teacher, and a killed job redoes the
-generation of its unfinished shard. The prompt is a raw window of the packed sample, so it can span a
-document boundary of the corpus.
+Design choice: generation and targets in one pass of one job, from one set of logits, so the sequences
+are never read back nor run through the teacher again; the costs are that prefill computes the output
+layer at every prompt position (generation alone computes the last one only), the targets are computed
+per decode step on the few rows still active (one top-K/draw call and one small copy to the CPU per
+step, rather than one call per batch), the cache's top-K values follow the decoder's numerics (equal to
+a full forward's to ~1e-5, not bit for bit), and a killed job redoes the generation of its unfinished
+shard. The prompt is a raw window of the packed sample, so it can span a document boundary of the corpus.
 """
 from __future__ import annotations
 
