@@ -25,8 +25,8 @@ prompt_len + new_tokens ids are written; the job continues each sample's first p
 top-k 30 sampling and writes the generated shards and the top-32 targets along them; "generation alone"
 is `generate` on the same prompts, keys, seed and batches of 16 (so it draws the same tokens), with the
 model loaded the same way. Both are timed end to end (model load included, the job's shard reading,
-second forward, encoding and writing too); the ratio is the job's generated tokens/s over generation's
-(target ≥ 0.9).
+its targets from the decoder's logits at every real position, encoding and writing too); the ratio is
+the job's generated tokens/s over generation's (target ≥ 0.9).
 
 Trade-offs: random weights (speed does not depend on them), one small config, TP 1 only, CPU only;
 process start and imports are not timed, nor checkpoint loading in the decode part.

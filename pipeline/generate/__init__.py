@@ -6,7 +6,8 @@ so importing this package does not load torch.
 from importlib import import_module
 
 _WHERE = {"Decoder": "decode", "Generation": "decode", "generate": "decode", "draw_uniforms": "decode",
-          "for_generation": "decode", "KVCache": "kv_cache", "next_tokens": "sampling", "greedy": "sampling"}
+          "LogitsObserver": "decode", "for_generation": "decode", "KVCache": "kv_cache", "next_tokens": "sampling",
+          "greedy": "sampling"}
 __all__ = sorted(_WHERE)
 
 

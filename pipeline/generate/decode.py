@@ -10,6 +10,13 @@ logits per prompt, not one per prompt token. Each row's draws come from uniforms
 (seed, the row's key), indexed by the step, so a row generates the same tokens whatever batch it is
 in, on a rerun and at every TP size.
 
+An observer (`generate(..., on_logits=...)`, a `LogitsObserver`) sees the logits the decoder computes
+anyway, so a caller that needs the model's distribution along the sequences (the teacher-sampled cache
+job's targets) needs no second forward over them. With one, prefill computes the logits of every real
+prompt position (the output layer sees only the real slots, `real_position_logits`, instead of the last
+one); that costs one vocabulary row per prompt token, paid only by callers that asked. Without one,
+nothing changes.
+
 A ZeRO-3 student is passed as its DeepSpeed engine: its parameters are gathered once for the whole
 call and ZeRO's per-module hooks are off meanwhile (`for_generation`), so a decoding step holds no
 collective over the DP group and DP ranks may decode different numbers of steps; the cost is the
@@ -34,6 +41,20 @@ from pipeline.generate.kv_cache import KVCache
 from pipeline.generate.sampling import next_tokens
 
 PAD_ID = 0  # what padding slots hold; never attended, any valid id would do
+
+LogitsObserver = Callable[[Tensor, Tensor, Tensor], None]
+"""`on_logits(rows, positions, logits)`: the next-token logits of N (row, position) pairs.
+
+`rows` [N] int64 (CPU): the rows' indices in the `prompts` passed to `generate` (finished rows are
+dropped from the batch, the indices stay the original ones); `positions` [N] int64 (CPU): the absolute
+position in its sequence (prompt then continuation, no padding) of the token each logits row follows;
+`logits` [N, Vl] this rank's vocabulary slice, on the model's device, valid during the call only and not
+to be modified. Called on every rank of the TP group in lockstep (the same rows and positions, so the
+observer may run collectives over the group): once after prefill with every real prompt position of
+every row (row-major: row 0's positions 0 … P_0 − 1, then row 1's, …), then once per decode step with
+each active row's fed token, position P_b − 1 + s at step s ≥ 1 (the logits its next token is drawn
+from). A row's last token (EOS, or the `max_new_tokens`-th) is never fed, so its logits never come.
+"""
 
 
 def draw_uniforms(seed: int, key: str, count: int) -> Tensor:
@@ -89,6 +110,21 @@ def last_position_logits(model):
         handle.remove()
 
 
+@contextlib.contextmanager
+def real_position_logits(model, valid: Tensor):
+    """Within the block, the model's output layer sees the real slots of its `[S, B, H]` input only,
+    `valid` [B, S] marking them, as one `[1, N, H]` sequence in row-major order: the model then returns
+    `[N, 1, Vl]`, no vocabulary row computed for a padding slot."""
+    def real_only(module, args, kwargs):
+        return (args[0].transpose(0, 1)[valid].unsqueeze(0), *args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(real_only, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class Decoder:
     """Incremental forward passes of `model` over one batch; see the module docstring."""
 
@@ -103,22 +139,31 @@ class Decoder:
         self.prompts = prompts
         self.next_position = self.lengths.clone()
 
-    def _forward(self, tokens: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    def _forward(self, tokens: Tensor, positions: Tensor, valid: Tensor, every_real: bool = False) -> Tensor:
+        """[B, Vl] logits of each row's last slot, or with `every_real` [N, Vl] of every valid slot."""
         self.cache.begin(valid)
-        with self.cache.attached(), last_position_logits(self.model):
+        outputs = real_position_logits(self.model, valid) if every_real else last_position_logits(self.model)
+        with self.cache.attached(), outputs:
             logits = self.model(tokens, positions=positions)
         self.cache.finish()
         return logits[:, -1]
 
-    def prefill(self) -> Tensor:
-        """[B, Vl] logits for each row's first new token, after its whole prompt."""
+    def prefill(self, on_logits: Optional[LogitsObserver] = None) -> Tensor:
+        """[B, Vl] logits for each row's first new token, after its whole prompt; `on_logits` (if any)
+        first sees every real prompt position's logits (see `LogitsObserver`)."""
         batch = len(self.prompts)
         tokens = torch.full((batch, self.width), PAD_ID, dtype=torch.int64, device=self.device)
         for row, prompt in enumerate(self.prompts):
             tokens[row, self.width - prompt.numel():] = prompt.to(self.device)
         pad = (self.width - self.lengths)[:, None]
         slots = torch.arange(self.width, device=self.device)[None, :]
-        return self._forward(tokens, (slots - pad).clamp(min=0), slots >= pad)
+        positions, valid = (slots - pad).clamp(min=0), slots >= pad
+        if on_logits is None:
+            return self._forward(tokens, positions, valid)
+        real = self._forward(tokens, positions, valid, every_real=True)  # [Σ P_b, Vl], row-major
+        lengths = self.lengths.cpu()
+        on_logits(torch.arange(batch).repeat_interleave(lengths), positions[valid].cpu(), real)
+        return real[(lengths.cumsum(0) - 1).to(self.device)]
 
     def step(self, tokens: Tensor) -> Tensor:
         """[B, Vl] logits after feeding one more token per row (`tokens` [B])."""
@@ -149,12 +194,15 @@ class Generation:
 @torch.no_grad()
 def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: SamplingConfig, *, vocab_size: int,
              eos_id: Optional[int], seed: int = 0, group=None,
-             on_step: Optional[Callable[[int], None]] = None) -> Generation:
+             on_step: Optional[Callable[[int], None]] = None,
+             on_logits: Optional[LogitsObserver] = None) -> Generation:
     """Continuations of `prompts` (1-D int tensors) by `model` (this rank's TP slices, `group` its TP group;
     a DeepSpeed engine for a ZeRO-3 student, see `for_generation`).
 
     `keys` name the rows (a sample's key): they seed the draws. `on_step(n)` is called with the number
-    of tokens each step added (for progress bars). Every rank of `group` returns the same tokens.
+    of tokens each step added (for progress bars). `on_logits` sees the logits of every real position
+    the decoder computes, prompt positions included (see `LogitsObserver`; None: prefill computes the
+    last position's only). Every rank of `group` returns the same tokens.
     """
     if len(keys) != len(prompts):
         raise ValueError(f"keys: expected one per prompt ({len(prompts)}), got {len(keys)}")
@@ -164,18 +212,19 @@ def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: Sa
         was_training = module.training
         module.eval()
         try:
-            return _decode(module, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step)
+            return _decode(module, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits)
         finally:
             module.train(was_training)
 
 
-def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step) -> Generation:
+def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits) -> Generation:
     steps = sampling.max_new_tokens
     decoder = Decoder(model, prompts, steps)
     out = [[] for _ in prompts]
     ended = [False] * len(prompts)
     active = torch.arange(len(prompts))
-    logits = decoder.prefill()
+    lengths = torch.tensor([p.numel() for p in prompts])
+    logits = decoder.prefill(on_logits)
     for step in range(steps):
         chosen = next_tokens(logits, uniforms[active, step], sampling, vocab_size=vocab_size, group=group).cpu()
         for row, token in zip(active.tolist(), chosen.tolist()):
@@ -192,4 +241,6 @@ def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_st
             decoder.keep(still)
             active, chosen = active[still], chosen[still]
         logits = decoder.step(chosen)
+        if on_logits is not None:  # the token fed at step + 1 sits at position P + step
+            on_logits(active, lengths[active] + step, logits)
     return Generation([torch.tensor(t, dtype=torch.int64) for t in out], ended)

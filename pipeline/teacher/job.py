@@ -207,7 +207,9 @@ class CacheJob:
                 writer.write(key, self.record["member"], payload, positions=count, floor_bits=floor_bits)
 
     def _check_finite(self, logits: torch.Tensor, keys: list[str], where: str) -> None:
-        bad = (~torch.isfinite(logits.amax(dim=-1))).any(dim=1).int()  # max propagates NaN and +inf: one read pass
+        """A CacheError naming keys[i] when logits[i] ([N, ..., Vl]) holds a NaN or ±inf on any tp rank."""
+        bad = ~torch.isfinite(logits.amax(dim=-1))  # max propagates NaN and +inf: one read pass
+        bad = bad.reshape(bad.shape[0], -1).any(dim=1).int()
         if self.ctx.tp_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ctx.tp_group)
         if bad.any():
@@ -220,19 +222,25 @@ class CacheJob:
         log_rest) for top-K, (ids, counts) for sampled, at the sample's first counts[b] positions only
         (format.target_positions). The real rows of the whole batch go through one collective call over the
         tp group (every tp rank takes part), then are split per sample; padding rows are never computed."""
-        targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
         counts = [int(c) for c in counts]
         real = torch.cat([logits[row, :count] for row, count in enumerate(counts)])  # [Σ counts, Vl]
-        if targets.mode == "topk":
-            found = topk_targets(real, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
-        else:
-            uniforms = torch.cat([key_uniforms(self.cfg.seed, key, logits.shape[1], targets.draws)[:count]
+        uniforms = None
+        if self.cfg.targets.mode == "sampled":
+            uniforms = torch.cat([key_uniforms(self.cfg.seed, key, logits.shape[1], self.cfg.targets.draws)[:count]
                                   for key, count in zip(keys, counts)])
-            found = sampled_targets(real, uniforms.to(logits.device), temperature=targets.temperature,
-                                    vocab_size=vocab, group=group)
-        parts = [t.split(counts) for t in found]
+        parts = [t.split(counts) for t in self._sparse_targets(real, uniforms)]
         for row, key in enumerate(keys):
             yield key, counts[row], tuple(part[row] for part in parts)
+
+    def _sparse_targets(self, real: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The targets of logits rows `real` [N, Vl] in one collective call over the tp group: (ids, logprobs,
+        log_rest) for top-K, (ids, counts) for sampled, whose draws `uniforms` [N, draws] (float64, the
+        `key_uniforms` rows of the positions) decide."""
+        targets, group, vocab = self.cfg.targets, self.ctx.tp_group, self.teacher.vocab_size
+        if targets.mode == "topk":
+            return topk_targets(real, k=targets.k, temperature=targets.temperature, vocab_size=vocab, group=group)
+        return sampled_targets(real, uniforms.to(real.device), temperature=targets.temperature, vocab_size=vocab,
+                               group=group)
 
     def _encode(self, targets: tuple[torch.Tensor, ...], count: int) -> tuple[bytes, float]:
         """(codec record, information floor in bits) of one sample's targets at `count` positions."""

@@ -10,10 +10,15 @@ the targets and the student must too), and its `mask.npy` (uint8 [seq_len]) coun
 label is token t + 1, when that label is generated (`loss_on: generated`, t ≥ prompt − 1) or real
 (`all`). One pass over a token shard writes both the generated token shard (GENERATED/NAME.tar.gz, a
 token shard like any other; the manifest says packing bestfit, as a row that stops at EOS is padded)
-and, from the same samples, the cache shard of the teacher's targets at every real position, computed
-by the plain job's own path (`CacheJob._cache_decoded`). The cache's source shards are the generated
-ones, so `distill train data.tokens=GENERATED data.teacher_cache=OUTPUT` joins and checks them as any
-cache, and `distill verify-cache OUTPUT --tokens GENERATED --teacher T` recomputes them.
+and the cache shard of the teacher's targets at every real position (0 … end − 2). The targets come
+from the logits the decoder computes anyway (`generate(on_logits=TargetsAlong(...))`): the prompt
+positions' from prefill, position P − 1 + s's from decode step s, each call's rows through the plain
+job's own `_sparse_targets` (`topk_targets` / `sampled_targets`, sampled draws from `key_uniforms` at
+the absolute position) and NaN/inf check; there is no second forward. The cache's source shards are
+the generated ones, so `distill train data.tokens=GENERATED data.teacher_cache=OUTPUT` joins and
+checks them as any cache, and `distill verify-cache OUTPUT --tokens GENERATED --teacher T` recomputes
+them with a full forward (incremental logits equal it to ~1e-5 relative, far inside the top-K codec's
+bound; a sampled draw differs only where the two straddle an integer-weight boundary, ~1e-5 of a draw).
 
 Order and restart: the generated shard is published (partial file, fsync, rename) before its cache shard,
 and a shard is done only when its cache done record and its generated shard both exist; otherwise a rerun
@@ -21,11 +26,13 @@ makes both again, with the same bytes, since a row's draws depend on its key and
 batch, a rerun or the TP size). The generated manifest is written when every shard is done, then the
 cache manifest. The generated folder is bound to the job like the cache folder (identity.py).
 
-Design choice: generation and targets in one pass of one job, so the sequences are never read back; the
-costs are that the decode (one forward per new token, batched, rows dropped as they end) and the full
-forward of the targets run one after the other on the same teacher, and a killed job redoes the
-generation of its unfinished shard. The prompt is a raw window of the packed sample, so it can span a
-document boundary of the corpus.
+Design choice: generation and targets in one pass of one job, from one set of logits, so the sequences
+are never read back nor run through the teacher again; the costs are that prefill computes the output
+layer at every prompt position (generation alone computes the last one only), the targets are computed
+per decode step on the few rows still active (one top-K/draw call and one small copy to the CPU per
+step, rather than one call per batch), the cache's top-K values follow the decoder's numerics (equal to
+a full forward's to ~1e-5, not bit for bit), and a killed job redoes the generation of its unfinished
+shard. The prompt is a raw window of the packed sample, so it can span a document boundary of the corpus.
 """
 from __future__ import annotations
 
@@ -41,7 +48,8 @@ from pipeline.config import CacheConfig, ConfigError, PrefixConfig, config_to_di
 from pipeline.data.shards import ShardReader, verify_shard
 from pipeline.generate import generate
 from pipeline.teacher.identity import bind_output
-from pipeline.teacher.job import CacheJob, on_first_rank
+from pipeline.teacher.format import target_positions
+from pipeline.teacher.job import CacheJob, key_uniforms, on_first_rank
 from pipeline.teacher.writer import CacheShardWriter, ShardRecord, partial_path, publish, write_cache_manifest
 from tokenization.format import HashingFile, Manifest, ShardEntry, ShardWriter, decode_sample, encode_sample, \
     write_manifest, MASK_MEMBER
@@ -111,6 +119,56 @@ class GeneratedShardWriter:
         partial_path(self.folder, self.name).unlink(missing_ok=True)
 
 
+class TargetsAlong:
+    """The `on_logits` observer of one batch's generation (`LogitsObserver`): each row's targets, computed
+    from the logits the decoder makes anyway, by the cache job's own `_sparse_targets`.
+
+    `last[b]`: row b's last position that gets a target (end − 2 at the row's length limit; a row that
+    stops at EOS earlier is never fed its last token, so its logits stop at end − 2 too). Each call's
+    rows go through one collective call over the tp group and are checked for NaN/inf first (naming the
+    row's key); only their compact targets are moved to the CPU (with `keep`, the writing rank; the
+    other tp ranks only take part). Sampled targets draw with `key_uniforms(seed, key, seq_len, draws)`
+    at the absolute position, as the full-forward job does.
+    """
+
+    def __init__(self, job: CacheJob, keys: list[str], last: list[int], where: str, *, keep: bool):
+        self.job, self.keys, self.where, self.keep = job, keys, where, keep
+        self.last = torch.tensor(last)
+        self.parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in keys]
+        self.filled = [0] * len(keys)
+        cfg, seq_len = job.cfg, job.tokens.manifest.seq_len
+        self.uniforms = torch.stack([key_uniforms(cfg.seed, key, seq_len, cfg.targets.draws) for key in keys]) \
+            if cfg.targets.mode == "sampled" else None
+
+    def __call__(self, rows: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        need = positions <= self.last[rows]  # identical on every tp rank, so all of them skip or call alike
+        if not bool(need.all()):
+            rows, positions, logits = rows[need], positions[need], logits[need.to(logits.device)]
+        if rows.numel() == 0:
+            return
+        self.job._check_finite(logits, [self.keys[r] for r in rows.tolist()], self.where)
+        uniforms = self.uniforms[rows, positions] if self.uniforms is not None else None
+        found = self.job._sparse_targets(logits, uniforms)
+        if not self.keep:
+            return
+        found = [t.cpu() for t in found]
+        runs, counts = torch.unique_consecutive(rows, return_counts=True)
+        starts = positions[torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)[:-1]])]
+        for row, start, *part in zip(runs.tolist(), starts.tolist(), *(t.split(counts.tolist()) for t in found)):
+            if start != self.filled[row]:  # the decoder's contract: each row's positions in order, none skipped
+                raise RuntimeError(f"{self.keys[row]}: logits of position {start} came after {self.filled[row]}")
+            self.parts[row].append(tuple(part))
+            self.filled[row] += len(part[0])
+
+    def targets(self, row: int, count: int) -> tuple[torch.Tensor, ...]:
+        """Row `row`'s targets at positions 0 … count − 1 (its parts are released)."""
+        if self.filled[row] < count:
+            raise RuntimeError(f"{self.keys[row]}: {count} target positions expected, the decoder gave "
+                               f"{self.filled[row]}")
+        parts, self.parts[row] = self.parts[row], []
+        return tuple(torch.cat(column)[:count] for column in zip(*parts))
+
+
 class SampledPrefixJob(CacheJob):
     """The cache job along the teacher's own continuations; see the module docstring."""
 
@@ -168,7 +226,8 @@ class SampledPrefixJob(CacheJob):
         return writers[1].close(source=generated)
 
     def _sample_batch(self, raws: list[dict], where: str, writers) -> None:
-        """Continue a batch's prompts, write the generated samples (tp rank 0), then their targets."""
+        """Continue a batch's prompts, taking their targets from the decoder's logits as it goes, then write
+        each generated sample and its targets (tp rank 0)."""
         manifest, prefixes = self.tokens.manifest, self.cfg.prefixes
         keys = [raw["__key__"] for raw in raws]
         prompts = []
@@ -177,18 +236,22 @@ class SampledPrefixJob(CacheJob):
             prompts.append(tokens[: min(prefixes.prompt_len, int(segments[-1]))].astype(np.int64))
         limits = [min(prefixes.sampling.max_new_tokens, manifest.seq_len + 1 - len(p)) for p in prompts]
         sampling = dataclasses.replace(prefixes.sampling, max_new_tokens=max(limits))
+        along = TargetsAlong(self, keys, [p + n - 2 for p, n in zip(map(len, prompts), limits)], where,
+                             keep=writers is not None)
         generation = generate(self.teacher.model, [torch.from_numpy(p) for p in prompts], keys, sampling,
                               vocab_size=manifest.vocab_size, eos_id=manifest.eos_id, seed=self.cfg.seed,
-                              group=self.ctx.tp_group)
-        samples = [continued_sample(prompt, new[:limit].numpy(), seq_len=manifest.seq_len, eos_id=manifest.eos_id,
-                                    dtype=manifest.dtype, loss_on=prefixes.loss_on)
-                   for prompt, new, limit in zip(prompts, generation.tokens, limits)]
-        if writers is not None:
-            for key, prompt, (tokens, segments, mask) in zip(keys, prompts, samples):
-                writers[0].write(encode_sample(key, tokens, segments, mask=mask), int(segments[-1]))
-                self.generated_tokens += int(segments[-1]) - len(prompt)
-        self._cache_decoded(keys, [(tokens, segments) for tokens, segments, _ in samples], where,
-                            writers[1] if writers else None)
+                              group=self.ctx.tp_group, on_logits=along)
+        if writers is None:  # this tp rank took part in the targets' collectives; rank 0 writes them
+            return
+        for row, (key, prompt, new, limit) in enumerate(zip(keys, prompts, generation.tokens, limits)):
+            tokens, segments, mask = continued_sample(prompt, new[:limit].numpy(), seq_len=manifest.seq_len,
+                                                      eos_id=manifest.eos_id, dtype=manifest.dtype,
+                                                      loss_on=prefixes.loss_on)
+            writers[0].write(encode_sample(key, tokens, segments, mask=mask), int(segments[-1]))
+            self.generated_tokens += int(segments[-1]) - len(prompt)
+            count = int(target_positions(segments))
+            payload, floor_bits = self._encode(along.targets(row, count), count)
+            writers[1].write(key, self.record["member"], payload, positions=count, floor_bits=floor_bits)
 
     # ---- the end
 

@@ -2,7 +2,8 @@
 
 The generated samples are checked against `pipeline.generate.generate` called here on the same teacher
 with the same keys and seed, the prompts against the source shards, the mask and the EOS padding against
-their definition; the targets against the teacher's own recomputation (`verify-cache --teacher`); a
+their definition; the targets, which the job takes from the decoder's own logits (one pass), against a
+full forward of the teacher over each generated sample (here, and by `verify-cache --teacher`); a
 killed run against an uninterrupted one, byte for byte; and the trainer reads the pair. The token
 shards' EOS id is set to the first token the teacher draws for the first sample, so that row stops at
 EOS after one token and others may stop early too: the draws do not depend on the EOS id.
@@ -237,3 +238,89 @@ def test_a_padded_sample_shorter_than_the_prompt_is_continued_from_its_real_toke
         end = len(prompt) + len(new)
         assert np.array_equal(ids[:end], np.concatenate([prompt, new.numpy()])) and segments.tolist() == [0, end]
         assert mask.nonzero()[0].tolist() == list(range(len(prompt) - 1, end - 1)), key
+
+
+def cache_records(out: Path) -> dict:
+    """{key: record bytes} of every cache shard of `out`, and the manifest's codec."""
+    from pipeline.teacher.format import codec_of
+
+    records = {}
+    for shard in sorted(out.glob("*.tar")):
+        with open(shard, "rb") as stream:
+            records.update({s["__key__"]: s for s in read_samples(stream, compressed=False, where=str(shard))})
+    return records, codec_of(json.loads((out / "manifest.json").read_text())["extra"]["targets"])
+
+
+def full_forward_logits(base: Path, generated: dict) -> dict:
+    """{key: float64 logits [end − 1, VOCAB]}: the teacher's plain forward over each whole generated sample."""
+    from pipeline.config import ComputeConfig
+    from pipeline.model import load_model
+    from pipeline.parallel import ParallelContext
+
+    out = {}
+    with ParallelContext.from_env(tp=1) as ctx, torch.no_grad():
+        model = load_model(base / "teacher", ctx, ComputeConfig()).eval()
+        for key, sample in generated.items():
+            end = int(npy(sample["segments.npy"])[-1])
+            tokens = torch.from_numpy(npy(sample["tokens.npy"])[: end - 1].astype(np.int64))[None]
+            out[key] = model(tokens)[0, :, :VOCAB].double()
+    return out
+
+
+def stop_kinds(generated: dict, eos: int) -> set:
+    kinds = set()
+    for sample in generated.values():
+        tokens, end = npy(sample["tokens.npy"]), int(npy(sample["segments.npy"])[-1])
+        kinds.add("eos" if tokens[end - 1] == eos and end - PROMPT < MAX_NEW else
+                  "limit" if end - PROMPT == MAX_NEW else "other")
+    return kinds
+
+
+def test_one_pass_topk_targets_equal_a_full_forward_over_the_generated_sample(world):
+    from pipeline.teacher.format import decode_record
+
+    base, out, eos = world
+    generated = samples_of(out / "generated")
+    assert {"eos", "limit"} <= stop_kinds(generated, eos), "a row stopping at EOS and one at its length limit"
+    records, codec = cache_records(out)
+    bound = codec.ratio_error_bound()
+    for key, logits in full_forward_logits(base, generated).items():
+        ids, logprobs, log_rest = decode_record(codec, records[key]["topk.bin"], len(logits), where=key)
+        reference = torch.log_softmax(logits, dim=-1)
+        top = reference.topk(8, dim=-1).indices.sort(dim=-1).values
+        assert np.array_equal(ids, top.numpy()), f"{key}: top-K ids differ from the full forward's"
+        rest = reference.clone().scatter_(-1, top, float("-inf")).logsumexp(dim=-1)
+        np.testing.assert_allclose(log_rest, rest.numpy(), atol=1e-4, err_msg=key)
+        chosen = reference.gather(-1, top).numpy()
+        want = np.exp(chosen - chosen.max(axis=1, keepdims=True))  # each entry's ratio to its row's top
+        got = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))
+        assert np.abs(got - want).max() <= bound + 1e-5, f"{key}: ratios beyond the codec's bound {bound}"
+
+
+def test_one_pass_sampled_targets_equal_a_full_forward_over_the_generated_sample(world, tmp_path):
+    """Exact draws: a draw moves only where the one-pass and the full forward's logits (equal to ~1e-6)
+    straddle an integer-weight boundary (~1e-5 of the mass each), so at most one position in 50 may
+    differ, and there by one draw moved from one id to another."""
+    from pipeline.teacher.format import decode_record
+    from pipeline.teacher.job import key_uniforms
+    from pipeline.teacher.targets import sampled_targets
+
+    base, _, eos = world
+    out = tmp_path / "sampled"
+    assert main(settings(base, out, "targets.mode=sampled", "targets.draws=16")) == 0
+    generated = samples_of(out / "generated")
+    assert generated.keys() == samples_of(base / "tokens").keys() and {"eos", "limit"} <= stop_kinds(generated, eos)
+    records, codec = cache_records(out)
+    positions = differing = 0
+    for key, logits in full_forward_logits(base, generated).items():
+        ids, counts = decode_record(codec, records[key]["sampled.bin"], len(logits), where=key)
+        want_ids, want_counts = sampled_targets(logits.float(), key_uniforms(SEED, key, SEQ, 16)[: len(logits)],
+                                                vocab_size=VOCAB)
+        for t in range(len(logits)):
+            got = dict(zip(ids[t][counts[t] > 0].tolist(), counts[t][counts[t] > 0].tolist()))
+            want = dict(zip(want_ids[t][want_counts[t] > 0].tolist(), want_counts[t][want_counts[t] > 0].tolist()))
+            assert sum(got.values()) == 16, f"{key} position {t}: {got}"
+            moved = sum(abs(got.get(i, 0) - want.get(i, 0)) for i in got.keys() | want.keys())
+            assert moved in (0, 2), f"{key} position {t}: draws {got} against the full forward's {want}"
+            positions, differing = positions + 1, differing + (moved > 0)
+    assert positions >= 60 and differing <= positions // 50, (differing, positions)

@@ -77,6 +77,33 @@ def test_incremental_logits_equal_a_full_forward(kind, models, ctx):
             torch.testing.assert_close(incremental, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
 
 
+def test_the_logits_observer_sees_every_real_position_once_as_a_full_forward_computes_it(models, ctx):
+    model = load_hf(models["llama_gqa"][0], ctx).eval()
+    prompts, keys = _prompts(seed=6), ["a", "b", "c", "d"]
+    sampling = SamplingConfig(top_k=30, max_new_tokens=6)
+    plain = generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=None, seed=4)
+    eos = int(plain.tokens[1][2])  # row 1 stops after 3 tokens; the draws do not depend on the EOS id
+    seen = {}
+
+    def on_logits(rows, positions, logits):
+        assert rows.shape == positions.shape == logits.shape[:1] and rows.dtype == positions.dtype == torch.int64
+        for row, position, row_logits in zip(rows.tolist(), positions.tolist(), logits):
+            assert (row, position) not in seen, f"row {row} position {position} seen twice"
+            seen[row, position] = row_logits.clone()
+
+    observed = generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=eos, seed=4, on_logits=on_logits)
+    assert len(observed.tokens[1]) == 3 and observed.ended[1] and any(len(t) == 6 for t in observed.tokens)
+    assert all(torch.equal(a, b[: len(a)]) for a, b in zip(observed.tokens, plain.tokens)), "the tokens changed"
+    with torch.no_grad():
+        for row, (prompt, new) in enumerate(zip(prompts, observed.tokens)):
+            sequence = torch.cat([prompt, new])
+            ordered = sorted(position for r, position in seen if r == row)
+            assert ordered == list(range(len(sequence) - 1)), f"row {row}: the last token is never fed, no other gap"
+            full = model(sequence[None])[0, :-1]
+            incremental = torch.stack([seen[row, t] for t in ordered])
+            torch.testing.assert_close(incremental, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+
+
 def test_a_row_generates_the_same_tokens_in_any_batch(models, ctx):
     model = load_hf(models["llama_gqa"][0], ctx)
     prompts, keys = _prompts(), ["a", "b", "c", "d"]
