@@ -12,7 +12,7 @@ with; nothing mutates it halfway. The cost: a changed value means a new object
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
 from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, config_reference, config_to_dict,
@@ -21,7 +21,7 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
            "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrefixConfig",
-           "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "TargetsConfig", "TeacherSamplingConfig",
+           "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "StudentModelConfig", "TargetsConfig", "TeacherSamplingConfig",
            "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
@@ -155,6 +155,22 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+
+@dataclass(frozen=True)
+class StudentModelConfig(ModelConfig):
+    """The student's architecture, and the checkpoint it may start from (`init`)."""
+
+    init: str = setting(
+        "", "Start from these weights instead of a random initialisation from seed: a Hugging Face folder or a TP "
+            "checkpoint (`distill convert hf-to-tp`), loaded at any tp straight into ZeRO-3 partitions. The "
+            "architecture comes from the checkpoint: every other model field left at its default takes the "
+            "checkpoint's value, and one set to another value must equal it (a difference is an error naming the "
+            "field). Ignored when the run resumes from its own run_dir/checkpoints/latest. Empty = random init.")
+
+    def architecture_config(self) -> ModelConfig:
+        """The plain ModelConfig (every field but `init`)."""
+        return ModelConfig(**{spec.name: getattr(self, spec.name) for spec in fields(ModelConfig)})
 
 
 @dataclass(frozen=True)
@@ -380,7 +396,9 @@ class TrainConfig:
     run_dir: str = setting("", "Folder of this run: checkpoints/, tensorboard/, metrics.jsonl, config.yaml. Running "
                                "again with the same run_dir resumes from checkpoints/latest. Required.")
     data: TrainDataConfig = section(TrainDataConfig, "The training and held-out data.")
-    model: ModelConfig = section(ModelConfig, "The student's architecture (a new model, initialised from seed).")
+    model: StudentModelConfig = section(StudentModelConfig, "The student's architecture, and the checkpoint it "
+                                                            "starts from (model.init; empty: initialised from "
+                                                            "seed).")
     compute: ComputeConfig = section(ComputeConfig, "How the student is computed (dtype, attention, document "
                                                     "masking).")
     parallel: ParallelConfig = section(ParallelConfig, "Process layout: world = dp × tp; ZeRO-3 shards over dp.")

@@ -2,8 +2,8 @@
 
 `build_engine` builds the student with the models package's builder inside `deepspeed.zero.Init`, so
 no rank ever holds the whole model: each parameter is partitioned over the data-parallel group as
-soon as its module exists, and the seeded initial weights are written one gathered parameter at a
-time (identical at every TP and DP size). `ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over
+soon as its module exists, and the seeded initial weights (or, with `model.init`, a checkpoint's, see
+init_from.py) are written one gathered parameter at a time (identical at every TP and DP size). `ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over
 the DP group and the TP ranks of a DP group hold different slices of the same model.
 
 `StudentStep.run` feeds the micro-batches of one optimizer step through forward, `distill_loss` and
@@ -38,6 +38,7 @@ from pipeline.losses import distill_loss
 from pipeline.model.builder import build_model, compute_dtype
 from pipeline.parallel import ParallelContext
 from pipeline.train.deepspeed_config import deepspeed_config, lr_scheduler_factory
+from pipeline.train.init_from import fill_from_init
 
 PARTS = ("loss", "kd_loss", "ce_loss", "top1_agreement")
 
@@ -55,12 +56,15 @@ def import_deepspeed(ctx: ParallelContext):
     return deepspeed
 
 
-def build_engine(cfg: TrainConfig, ctx: ParallelContext):
-    """(engine, the DeepSpeed config it runs with) for a new student initialised from `cfg.seed`."""
+def build_engine(cfg: TrainConfig, ctx: ParallelContext, *, init: str = ""):
+    """(engine, the DeepSpeed config it runs with) for a new student initialised from `cfg.seed`, or with the
+    weights of the checkpoint `init` (see init_from.py; `cfg.model` must already be resolved against it)."""
     deepspeed = import_deepspeed(ctx)
     ds_config = deepspeed_config(cfg, compute_dtype(cfg.compute, ctx.device))
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=ctx, data_parallel_group=ctx.dp_group):
-        model = build_model(cfg.model, cfg.compute, ctx, seed=cfg.seed)
+        model = build_model(cfg.model.architecture_config(), cfg.compute, ctx, initialize=not init, seed=cfg.seed)
+        if init:
+            fill_from_init(model, init, ctx.tp_size, ctx.tp_rank)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=ctx, dist_init_required=False,
                                            lr_scheduler=lr_scheduler_factory(cfg))
     return engine, ds_config

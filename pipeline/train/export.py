@@ -68,7 +68,7 @@ def read_run(tag_folder: Path) -> tuple[ModelConfig, dict, dict]:
     file = tag_folder / RUN_FILE
     try:
         run = json.loads(file.read_text())
-        cfg = from_dict(ModelConfig, run["config"]["model"])
+        cfg = from_dict(ModelConfig, {k: v for k, v in run["config"]["model"].items() if k != "init"})
         layout = {key: int(run["layout"][key]) for key in ("world", "tp", "dp")}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{file}: expected JSON with config.model and layout.world/tp/dp as the trainer "

@@ -23,6 +23,7 @@ from pipeline.train.checkpoints import CheckpointStore, rng_state, set_rng_state
 from pipeline.train.engine import StudentStep, build_engine
 from pipeline.train.errors import TrainError
 from pipeline.train.evaluate import Evaluator
+from pipeline.train.init_from import resolve_init
 from pipeline.train.monitor import Monitor, memory_gib
 from pipeline.train.preemption import REQUEUE_EXIT_CODE, StopRequest
 from pipeline.train.setup import check_settings, open_teacher, run_identity
@@ -32,6 +33,7 @@ from tokenization.format import write_atomic
 
 def run_training(cfg: TrainConfig) -> int:
     """Train in this process (one rank of world = dp × tp); the exit status (0 or REQUEUE_EXIT_CODE)."""
+    cfg = resolve_init(cfg)  # the architecture of model.init, before any check reads cfg.model
     check_settings(cfg)
     ctx = ParallelContext.from_env(cfg.parallel.tp, cfg.parallel.backend, cfg.parallel.timeout_minutes)
     try:
@@ -54,7 +56,8 @@ class TrainingRun:
         self.resume_tag = self._checked_latest()  # before building anything: a foreign checkpoint fails fast
         self.step, self.nonfinite, self.consumed_tokens = 0, 0, 0
         self.evaluator = Evaluator(cfg, ctx) if cfg.data.eval_tokens else None
-        self.engine, self.ds_config = build_engine(cfg, ctx)
+        init = cfg.model.init if self.resume_tag is None else ""
+        self.engine, self.ds_config = build_engine(cfg, ctx, init=init)
         self.student = StudentStep(cfg, ctx, self.engine, self.teacher)
 
     def execute(self) -> int:
@@ -66,6 +69,9 @@ class TrainingRun:
                                config_text=dump_yaml(self.cfg))
         try:
             self.monitor.message(f"{'resumed from ' + resumed if resumed else 'started'}: {self.ctx.describe()}")
+            if self.cfg.model.init:
+                self.monitor.message(f"model.init={self.cfg.model.init} ignored: resuming from the run's own "
+                                     f"checkpoint" if resumed else f"initialised from model.init={self.cfg.model.init}")
             return self._loop()
         finally:
             self.stream.close()

@@ -92,7 +92,7 @@ def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dic
     """What a checkpoint must share with the run that resumes it (JSON-plain, compared key by key)."""
     tokens = ShardSet(cfg.data.tokens)
     identity = {
-        "model": config_to_dict(cfg.model),
+        "model": config_to_dict(cfg.model.architecture_config()),  # not model.init: a resumed run ignores it
         "compute": {"dtype": str(compute_dtype(cfg.compute, ctx.device)),
                     "document_masking": cfg.compute.document_masking, "vocab_multiple": cfg.compute.vocab_multiple},
         "tokenizer": tokens.manifest.tokenizer_fingerprint,
