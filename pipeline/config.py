@@ -21,8 +21,8 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
            "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrefixConfig",
-           "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "StudentModelConfig", "TargetsConfig", "TeacherSamplingConfig",
-           "TrainConfig", "TrainDataConfig",
+           "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "StudentModelConfig",
+           "TargetsConfig", "TeacherSamplingConfig", "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
            "load_config", "non_negative", "positive", "section", "setting"]
 

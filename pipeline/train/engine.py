@@ -3,8 +3,9 @@
 `build_engine` builds the student with the models package's builder inside `deepspeed.zero.Init`, so
 no rank ever holds the whole model: each parameter is partitioned over the data-parallel group as
 soon as its module exists, and the seeded initial weights (or, with `model.init`, a checkpoint's, see
-init_from.py) are written one gathered parameter at a time (identical at every TP and DP size). `ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over
-the DP group and the TP ranks of a DP group hold different slices of the same model.
+init_from.py) are written one gathered parameter at a time (identical at every TP and DP size).
+`ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over the DP group and the TP ranks of a DP group
+hold different slices of the same model.
 
 `StudentStep.run` feeds the micro-batches of one optimizer step through forward, `distill_loss` and
 DeepSpeed's backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them,
