@@ -164,5 +164,5 @@ def summary(report: dict) -> str:
                      + " ".join(f"{i}:{v:.4g}" for i, v in enumerate(report["layer_importance_kl"])))
     lines.append(f"loss on {report['calibration_positions']} calibration positions: teacher "
                  f"{report['teacher_loss']:.4f}, pruned student {report['student_loss']:.4f} (before training)")
-    lines.append(f"calibration took {report['calibration_seconds']:.1f} s")
+    lines.append(f"loading and calibrating the teacher took {report['calibration_seconds']:.1f} s")
     return "\n".join(lines)

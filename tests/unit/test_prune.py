@@ -9,6 +9,7 @@ depth rule keeps layers 0, 2, …; heads go by whole GQA groups; bad targets exi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -207,11 +208,13 @@ def test_params_target_shrinks_depth_then_mlp(tmp_path, shards):
 
     make_teacher("llama_gqa", tmp_path / "t", layers=4)
     cfg = teacher_config(tmp_path / "t")
-    goal = parameter_count(cfg) - 2 * (parameter_count(cfg) - parameter_count(
-        __import__("dataclasses").replace(cfg, num_layers=3))) - 1000
+    per_layer = parameter_count(cfg) - parameter_count(dataclasses.replace(cfg, num_layers=3))
+    goal = parameter_count(cfg) - 2 * per_layer - 1000  # two layers are not enough: the MLP must narrow
     report = prune(teacher=tmp_path / "t", tokens=shards, out=tmp_path / "s", samples=2, params=goal)
     assert report["student"]["num_layers"] == 2 and report["student"]["intermediate_size"] < 128
     assert report["student"]["parameters"] <= goal
+    wider = dataclasses.replace(cfg, num_layers=2, intermediate_size=report["student"]["intermediate_size"] + 1)
+    assert parameter_count(wider) > goal  # the widest MLP that fits
     assert sum(p.numel() for p in _hf_load(tmp_path / "s").parameters()) == report["student"]["parameters"]
 
 
