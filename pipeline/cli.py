@@ -21,6 +21,7 @@ from pipeline.cli_cache import add_cache_commands
 from pipeline.cli_eval import add_eval_command
 from pipeline.cli_generate import GenerateError, add_generate_command
 from pipeline.cli_model import add_model_commands
+from pipeline.cli_prune import add_prune_command
 from pipeline.cli_quickstart import add_quickstart_command
 from pipeline.cli_train import add_train_commands
 from pipeline.config import CacheConfig, ConfigError, RunConfig, TrainConfig, config_reference, dump_yaml, load_config
@@ -44,6 +45,7 @@ The pipeline runs as stages, each a command on one machine (torchrun) or on a cl
   convert    checkpoints between Hugging Face folders and pre-split tensor-parallel files
   inspect    what a checkpoint holds: architecture, parameters, vocabulary, TP sizes it splits over
   generate   sample continuations of prompts (a text file or token shards) from any checkpoint
+  prune      a smaller student cut out of its teacher (layers, MLP channels, heads, hidden channels)
   quickstart all of the above on the shipped Austen corpus, on CPU: one student per loss, compared
 Checks: verify-shards (token shards), verify-cache (a teacher cache). Every stage reads a YAML
 config that overrides can change on the command line (section.key=value); `distill config` shows
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(commands)
     add_eval_command(commands)
     add_generate_command(commands)
+    add_prune_command(commands)
     add_quickstart_command(commands)
     return parser
 
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # recorded in what a stage writes (the manifest's command line)
     from pipeline.eval.errors import RiskError
     from pipeline.model.errors import CheckpointError, ModelLayoutError
+    from pipeline.prune.errors import PruneError
     from pipeline.teacher.errors import CacheError
     from pipeline.train.errors import TrainError
     from tokenization.errors import TokenizationError
@@ -269,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, TokenizationError, ShardFormatError, CheckpointError, ModelLayoutError, CacheError,
-            TrainError, RiskError, GenerateError) as err:
+            TrainError, RiskError, GenerateError, PruneError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
