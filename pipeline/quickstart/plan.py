@@ -8,7 +8,7 @@ pipeline does, and each stage can be rerun or changed by hand. The cost: every s
 
 Layout of OUT: tokenizer.json, data/{train,heldout,prompts}, runs/<name>/ (checkpoints, tensorboard,
 metrics), teacher_hf/, cache/{train_topk,heldout_topk,train_sampled,train_teacher_sampled(/generated)},
-student_hf/, configs/, logs/, results.{md,csv}, loss_curves.png.
+student_pruned_hf/, student_hf/, configs/, logs/, results.{md,csv}, loss_curves.png.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ TEACHER = "teacher"
 BASELINE = "ce"
 SAMPLED = "kl_sampled"
 TEACHER_SAMPLED = "kl_teacher"
+PRUNED = "kl_pruned"
+PRUNED_FOLDER = "student_pruned_hf"
 
 
 @dataclass
@@ -54,6 +56,7 @@ class StudentRun:
     ce_weight: float = 0.0
     kl_warmup_steps: int = 0
     tokens: str = "data/train"  # its token shards, relative to OUT
+    init: str = ""  # the folder under OUT its weights start from (model.init); "" = random from the seed
 
     def loss(self) -> dict:
         """The run's loss section."""
@@ -83,6 +86,9 @@ def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
                                cfg.ce_weight, warm))
     if cfg.sampled:
         runs.append(StudentRun(SAMPLED, "kl", "train_sampled", f"KL to {cfg.cache.draws} samples"))
+    if cfg.pruned:
+        runs.append(StudentRun(PRUNED, "kl", "train_topk", f"KL to top-{cfg.cache.k}{mix}, from the pruned teacher",
+                               cfg.ce_weight, init=PRUNED_FOLDER))
     if cfg.teacher_sampled.prompts:
         runs.append(StudentRun(TEACHER_SAMPLED, "kl", "train_teacher_sampled",
                                f"KL to top-{cfg.cache.k}{mix} along the teacher's samples", cfg.ce_weight,
@@ -116,7 +122,9 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
         prompt_files = resolve_inputs(cfg.teacher_sampled.prompts, "teacher_sampled.prompts")
         stages += [_shard_stage("shards_prompts", "prompt", prompt_files, tokenizer, data / "prompts", cfg, workers),
                    _cache_stage(cfg, out, "train_teacher_sampled", "prompts", "topk")]
-    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}", run.tokens)
+    if cfg.pruned:
+        stages.append(_prune_stage(cfg, out))
+    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}", run.tokens, run.init)
                for run in student_runs(cfg)]
     pick = pick_student or (lambda: BASELINE)
     stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
@@ -132,18 +140,37 @@ def _shard_stage(name: str, what: str, files: list[str], tokenizer: Path, folder
                   "--seq-len", str(cfg.corpus.seq_len), "--workers", str(min(workers, len(files)))])
 
 
+def _prune_stage(cfg: QuickstartConfig, out: Path) -> Stage:
+    """The teacher cut to the students' size: their layers, widths and attention width (the teacher's
+    head width is kept, so the pruned model has student.hidden_size / head width heads)."""
+    head_dim = cfg.teacher.hidden_size // cfg.teacher.num_heads
+    heads = cfg.student.hidden_size // head_dim
+    if heads < 1 or cfg.student.hidden_size % head_dim:
+        raise ConfigError("pruned", f"the teacher's heads are {head_dim} wide; student.hidden_size="
+                                    f"{cfg.student.hidden_size} must be a multiple of that to prune the teacher to it")
+    size = cfg.student
+    return Stage("prune", f"prune the teacher to {size.num_layers} layers, hidden {size.hidden_size}, MLP "
+                          f"{size.intermediate_size}, {heads} heads",
+                 ["prune", "--teacher", str(out / "teacher_hf"), "--tokens", str(out / "data" / "train"),
+                  "--samples", "64", "--num-layers", str(size.num_layers), "--hidden-size", str(size.hidden_size),
+                  "--intermediate-size", str(size.intermediate_size), "--num-heads", str(heads),
+                  "--out", str(out / PRUNED_FOLDER), "--force"])
+
+
 def _train_stage(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str, title: str,
-                 tokens: str = "data/train") -> Stage:
+                 tokens: str = "data/train", init: str = "") -> Stage:
     path = out / "configs" / f"train_{name}.yaml"
-    settings = train_settings(cfg, out, name, loss, cache, tokens)
+    settings = train_settings(cfg, out, name, loss, cache, tokens, init)
     return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
                  {path: dump_yaml(settings)})
 
 
 def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str,
-                   tokens: str = "data/train") -> TrainConfig:
+                   tokens: str = "data/train", init: str = "") -> TrainConfig:
     """The train config of one quickstart run (the teacher when name is TEACHER); `loss` its loss section,
-    `tokens` its token shards relative to OUT (the teacher-generated ones for the teacher-sampled student)."""
+    `tokens` its token shards relative to OUT (the teacher-generated ones for the teacher-sampled student),
+    `init` the folder under OUT its weights start from (the pruned teacher; its architecture is then the
+    checkpoint's)."""
     teacher = name == TEACHER
     size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
     every = max(1, run.steps // run.evals)
@@ -153,9 +180,10 @@ def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cach
                  "eval_tokens": str(out / "data" / "heldout"),
                  "eval_teacher_cache": "" if teacher else str(out / "cache" / "heldout_topk"),
                  "tokenizer": str(out / "tokenizer.json"), "num_workers": 0},
-        "model": {"vocab_size": cfg.corpus.vocab_size, "hidden_size": size.hidden_size,
-                  "intermediate_size": size.intermediate_size, "num_layers": size.num_layers,
-                  "num_heads": size.num_heads, "max_position_embeddings": cfg.corpus.seq_len},
+        "model": {"vocab_size": cfg.corpus.vocab_size, "max_position_embeddings": cfg.corpus.seq_len,
+                  **({"init": str(out / init)} if init else {
+                      "hidden_size": size.hidden_size, "intermediate_size": size.intermediate_size,
+                      "num_layers": size.num_layers, "num_heads": size.num_heads})},
         "compute": {"vocab_multiple": 64},
         "loss": loss,
         "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},

@@ -154,6 +154,9 @@ class QuickstartConfig:
         at_least(0))
     sampled: bool = setting(True, "Also train one student with forward KL alone on the sampled cache (unbiased "
                                   "for the whole distribution, tail included, so it needs no labels).")
+    pruned: bool = setting(True, "Also train one student that starts as the teacher pruned to the student's size "
+                                 "(`distill prune`: every other layer, MLP channels, heads and hidden channels "
+                                 "ranked on 64 training samples) and then learns like the kl student.")
     teacher_sampled: TeacherSampledConfig = section(TeacherSampledConfig, "The student on the teacher's own samples.")
     risks: RisksConfig = section(RisksConfig, "Likelihood and coverage risks of every student.")
     eval_batches: int = setting(16, "Held-out micro-batches per evaluation.", positive)

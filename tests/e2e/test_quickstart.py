@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.quickstart.plan import SAMPLED, TEACHER_SAMPLED
+from pipeline.quickstart.plan import PRUNED, SAMPLED, TEACHER_SAMPLED
 from pipeline.train.monitor import read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNS = ["teacher", "ce", "kl", "rkl", "js", "tvd", SAMPLED, TEACHER_SAMPLED]
+RUNS = ["teacher", "ce", "kl", "rkl", "js", "tvd", SAMPLED, PRUNED, TEACHER_SAMPLED]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,7 +49,7 @@ def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_smoke_run_finishes_and_prints_the_table(smoke):
     out, run = smoke
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "[18/18] student_export" in run.stdout
+    assert "[20/20] student_export" in run.stdout
     assert "| kl_sampled | KL to 8 samples |" in run.stdout
     assert "| kl_teacher | KL to top-8 + 0.5·CE along the teacher's samples |" in run.stdout
 
@@ -137,9 +137,9 @@ def test_exported_student_loads_with_its_tokenizer(smoke):
 def test_commands_are_recorded(smoke):
     out, _ = smoke
     commands = (out / "commands.sh").read_text().splitlines()
-    assert len(commands) == 18 and commands[0].startswith("distill tokenize train-tokenizer")
-    assert sum(line.startswith("distill train --config") for line in commands) == 8
-    assert len(list((out / "logs").glob("*.log"))) == 18
+    assert len(commands) == 20 and commands[0].startswith("distill tokenize train-tokenizer")
+    assert sum(line.startswith("distill train --config") for line in commands) == 9
+    assert len(list((out / "logs").glob("*.log"))) == 20
 
 
 def test_rerun_skips_finished_stages_and_changed_config_is_refused(smoke):
@@ -147,7 +147,7 @@ def test_rerun_skips_finished_stages_and_changed_config_is_refused(smoke):
     before = {path: path.stat().st_mtime_ns for path in (out / "runs").rglob("*") if path.is_file()}
     again = _quickstart(out)
     assert again.returncode == 0, again.stdout[-2000:]
-    assert again.stdout.count("(done in an earlier run, skipped)") == 18
+    assert again.stdout.count("(done in an earlier run, skipped)") == 20
     assert {path: path.stat().st_mtime_ns for path in before} == before
     refused = _quickstart(out, "student_run.steps=49")
     assert refused.returncode == 2

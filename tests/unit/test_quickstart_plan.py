@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import CacheConfig, ConfigError, TrainConfig, load_config
 from pipeline.quickstart import _bind_folder
-from pipeline.quickstart.plan import SAMPLED, TEACHER, TEACHER_SAMPLED, build_plan, resolve_inputs, student_runs
+from pipeline.quickstart.plan import PRUNED, SAMPLED, TEACHER, TEACHER_SAMPLED, build_plan, resolve_inputs, student_runs
 from pipeline.quickstart.report import Result, markdown_table, read_result, with_ratios
 from pipeline.quickstart.settings import SMOKE, QuickstartConfig
 
@@ -35,8 +35,8 @@ def test_plan_runs_every_stage_in_order(tmp_path):
     stages = build_plan(_config(), tmp_path)
     assert [s.name for s in stages] == [
         "tokenizer", "shards_train", "shards_heldout", "teacher", "teacher_export", "cache_train_topk",
-        "cache_heldout_topk", "cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled", "ce", "kl", "rkl",
-        "js", "tvd", SAMPLED, TEACHER_SAMPLED, "student_export"]
+        "cache_heldout_topk", "cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled", "prune", "ce",
+        "kl", "rkl", "js", "tvd", SAMPLED, PRUNED, TEACHER_SAMPLED, "student_export"]
     assert all(s.command()[1:3] == ["-m", "pipeline"] for s in stages)
 
 
@@ -47,7 +47,12 @@ def test_students_differ_only_in_their_loss(tmp_path):
     teacher = configs.pop(TEACHER)
     assert teacher.model.hidden_size > configs["ce"].model.hidden_size
     assert teacher.data.teacher_cache == "" and teacher.loss.divergence == "ce"
+    pruned = configs.pop(PRUNED)
+    assert pruned.model.init.endswith("student_pruned_hf") and pruned.loss == configs["kl"].loss
+    prune = next(s for s in stages if s.name == "prune").command()
+    assert prune[prune.index("--num-heads") + 1] == "2"  # 128 wide with the teacher's 64-wide heads
     for name, cfg in configs.items():
+        assert cfg.model.init == ""
         for part in ("model", "schedule", "optim", "eval", "compute"):
             assert getattr(cfg, part) == getattr(configs["ce"], part), (name, part)
         assert cfg.seed == configs["ce"].seed
@@ -70,7 +75,8 @@ def test_kl_warmup_goes_to_the_bounded_and_reverse_students_only(tmp_path):
     stages = build_plan(_config("kl_warmup_steps=7", "student_run.steps=5"), tmp_path)
     configs = {s.name: _read_config(TrainConfig, s) for s in stages if s.command()[3] == "train"}
     warm = {name: cfg.loss.kl_warmup_steps for name, cfg in configs.items()}
-    assert warm == {TEACHER: 0, "ce": 0, "kl": 0, "rkl": 5, "js": 5, "tvd": 5, SAMPLED: 0, TEACHER_SAMPLED: 0}  # clipped to the run
+    assert warm == {TEACHER: 0, "ce": 0, "kl": 0, "rkl": 5, "js": 5, "tvd": 5, SAMPLED: 0, PRUNED: 0,
+                    TEACHER_SAMPLED: 0}  # clipped to the run
     labels = {run.name: run.label for run in student_runs(_config("kl_warmup_steps=3"))}
     assert labels["js"].endswith("after 3 steps of KL") and "KL" not in labels["kl"].split("to")[1]
     assert all(run.kl_warmup_steps == 0 for run in student_runs(_config("kl_warmup_steps=0")))
@@ -86,11 +92,11 @@ def test_cache_configs_follow_the_quickstart_config(tmp_path):
 
 
 def test_choice_of_students(tmp_path):
-    off = ("divergences=[js]", "sampled=false", "teacher_sampled.prompts=[]", "risks.prompts=0")
+    off = ("divergences=[js]", "sampled=false", "teacher_sampled.prompts=[]", "risks.prompts=0", "pruned=false")
     names = [run.name for run in student_runs(_config(*off))]
     assert names == ["ce", "js"]
     stages = build_plan(_config(*off), tmp_path)
-    assert not {"cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled"} & {s.name for s in stages}
+    assert not {"cache_train_sampled", "shards_prompts", "cache_train_teacher_sampled", "prune"} & {s.name for s in stages}
     js = _read_config(TrainConfig, next(s for s in stages if s.name == "js"))
     assert js.eval.teacher == ""  # no risks
     with pytest.raises(ConfigError, match="divergences"):
