@@ -1,6 +1,7 @@
 """The `distill prune` subcommand: a smaller student cut out of its teacher by measured importance (Minitron-style).
 
-It runs in this process as a world of one at TP 1 (see pipeline/prune/__init__.py for why). Heavy imports
+It runs as a world of one at TP 1, or under torchrun as a world of exactly `--tp` processes holding the
+teacher at that TP (rank 0 writes the folder and prints the summary). Heavy imports
 stay inside the handler, so `--help` answers at once; bad targets are PruneErrors (exit 2) naming the flag.
 """
 from __future__ import annotations
@@ -21,6 +22,10 @@ what to keep on calibration tokens (the first --samples samples of --tokens):
   --params N instead of --num-layers/--intermediate-size: drop layers (down to half) then narrow the MLP
           until the model has at most N parameters
 
+At --tp N (under torchrun --nproc-per-node N; world = N, no data parallelism) each rank holds its TP
+slices of the teacher and calibrates them; rank 0 writes the folder. The result equals --tp 1's up to float
+rounding. A TP checkpoint is read as it is split at its own TP, or joined first at --tp 1.
+
 Kept indices stay in the teacher's order: targets equal to the teacher's sizes copy it bit for bit. The
 folder gets prune_report.json (kept layers/heads/channels, scores, the teacher's and the pruned model's
 loss on the calibration tokens before any training); the tokenizer is copied when the teacher has one.
@@ -29,6 +34,8 @@ loss on the calibration tokens before any training); the tokenizer is copied whe
   distill prune --teacher T --tokens D --depth importance --num-layers 8 --intermediate-size 1024 \\
       --num-heads 8 --hidden-size 512 --out work/pruned
   distill prune --teacher T --tokens D --params 60000000 --out work/pruned
+  torchrun --nproc-per-node 4 -m pipeline prune --tp 4 --teacher work/teacher_tp4 --tokens D --num-layers 16 \\
+      --out work/pruned
 """
 
 
@@ -52,6 +59,8 @@ def add_prune_command(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="calibration samples per forward")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="seeds torch (default 0); nothing in pruning is random, ties go to the lower index")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel size of the teacher; the world must be N processes (default 1)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     parser.set_defaults(handler=run_prune_command)
 
@@ -62,7 +71,14 @@ def run_prune_command(args: argparse.Namespace) -> int:
     report = prune(teacher=args.teacher, tokens=args.tokens, out=args.out, samples=args.samples,
                    num_layers=args.num_layers, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                    num_heads=args.num_heads, params=args.params, depth=args.depth, batch_size=args.batch_size,
-                   seed=args.seed, overwrite=args.force, progress=True)
-    print(summary(report))
-    print(f"wrote {args.out} (report: {args.out}/{REPORT})")
+                   seed=args.seed, overwrite=args.force, tp=args.tp, progress=True)
+    if _rank() == 0:
+        print(summary(report))
+        print(f"wrote {args.out} (report: {args.out}/{REPORT})")
     return 0
+
+
+def _rank() -> int:
+    from pipeline.parallel import read_launch_env
+
+    return read_launch_env().rank

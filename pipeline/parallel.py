@@ -268,6 +268,24 @@ class ParallelContext:
             from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
             model_parallel_cuda_manual_seed(seed, tp_rank=self.tp_rank, ep_rank=0, etp_rank=self.tp_rank)
 
+    def with_tp(self, tp: int) -> "ParallelContext":
+        """A new context at `tp` over this one's default group (which it takes over); this one is destroyed.
+
+        Collective. For a job with two phases at different TP sizes (`distill prune`: the teacher at its TP,
+        then the small student at TP 1) without tearing down and re-initialising the default group.
+        """
+        owns, backend = self._owns_default_group, self.backend
+        self._owns_default_group = False
+        self.destroy()
+        try:
+            new = ParallelContext.from_env(tp, backend=backend)
+        except BaseException:
+            if owns and dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+        new._owns_default_group = owns
+        return new
+
     # ---- teardown
 
     def destroy(self) -> None:

@@ -1,11 +1,20 @@
 """What the teacher does on the calibration tokens: activation magnitudes, the cost of skipping each layer, its loss.
 
-One pass of the teacher (our megatron-core `LlamaGPT` at TP 1) over the first N samples, with forward hooks
+One pass of the teacher (our megatron-core `LlamaGPT`, at any TP) over the first N samples, with forward hooks
 that sum, over every position whose next token is real (`label_mask`):
   - MLP channels: |silu(gate)·up| per channel, the input of each layer's `linear_fc2` (down_proj);
   - attention heads: the L2 norm of each query head's attention output, the input of `linear_proj` (o_proj);
   - hidden channels: |x| per channel of the residual stream entering every layer and the final norm;
 and the teacher's next-token cross-entropy. Means are sums / positions, accumulated in float64.
+
+Tensor parallelism: every TP rank runs the same samples. A rank sees only its slice of the MLP channels and
+heads (megatron's fc1 gives rank r the contiguous block r of the intermediate channels, its own gate and up
+halves; its attention holds query heads [r·n/tp, (r+1)·n/tp), whole kv groups when tp ≤ kv heads), so those
+sums are all-gathered over the TP group in rank order into the full vectors, the same on every rank; the
+residual stream is replicated, so the hidden-channel sums are already full. Logits are vocab-parallel: the
+log-softmax, the KL and the cross-entropy are taken from each rank's vocabulary slice with a max/sum
+all-reduce of the log-partition and a sum all-reduce of the per-position terms, never gathering the
+vocabulary. Results equal TP 1's up to float rounding (sums in another order).
 
 Layer importance (`--depth importance`): for each layer i the teacher runs again with layer i replaced by
 the identity (a forward hook returns the layer's input), and the score is the mean over positions of
@@ -23,9 +32,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import Tensor
 
+from pipeline.losses.shard import all_reduce
 from pipeline.prune.errors import PruneError
 
 
@@ -71,20 +81,46 @@ def calibration_samples(location: str, count: int) -> tuple[Tensor, Tensor]:
     return tokens, label_mask(torch.tensor(ends)[:, None], manifest.seq_len)
 
 
-def _log_probs(model, tokens: Tensor) -> Tensor:
-    vocab = model.model_config.vocab_size
-    return F.log_softmax(model(tokens)[..., :vocab].float(), dim=-1)
+@dataclass(frozen=True)
+class VocabSlice:
+    """This TP rank's real vocabulary columns: global ids [start, start + width), over `group`."""
+
+    group: object
+    start: int
+    width: int
+
+    @classmethod
+    def of(cls, model, ctx) -> "VocabSlice":
+        start, end = ctx.vocab_range(model.padded_vocab)
+        return cls(ctx.tp_group, start, max(0, min(end, model.model_config.vocab_size) - start))
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return all_reduce(tensor, "sum", self.group)
+
+
+def _log_probs(model, tokens: Tensor, vocab: VocabSlice) -> Tensor:
+    """log p of this rank's real vocabulary columns `[B, S, width]` under the full next-token distribution."""
+    local = model(tokens)[..., :vocab.width].float()
+    lse = torch.logsumexp(local, dim=-1)  # -inf on a rank whose slice is all padding
+    top = all_reduce(lse.clone(), "max", vocab.group)
+    total = vocab.sum((lse - top).exp())
+    return local - (top + total.log())[..., None]
+
+
+def _kl_terms(full: Tensor, without: Tensor, vocab: VocabSlice) -> Tensor:
+    """KL(full ‖ without) per position `[B, S]`, summed over the whole vocabulary."""
+    return vocab.sum((full.exp() * (full - without)).sum(-1))
 
 
 class _Sums:
     """Forward hooks summing |activations| over the masked positions of the current batch."""
 
-    def __init__(self, model):
+    def __init__(self, model, tp: int):
         cfg = model.model_config
-        layers = model.decoder.layers
-        self.mlp = [torch.zeros(cfg.intermediate_size, dtype=torch.float64) for _ in layers]
-        self.heads = [torch.zeros(cfg.num_heads, dtype=torch.float64) for _ in layers]
-        self.hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+        layers, device = model.decoder.layers, model.embedding.word_embeddings.weight.device
+        self.mlp = [torch.zeros(cfg.intermediate_size // tp, dtype=torch.float64, device=device) for _ in layers]
+        self.heads = [torch.zeros(cfg.num_heads // tp, dtype=torch.float64, device=device) for _ in layers]
+        self.hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64, device=device)
         self.model, self.head_size, self.mask = model, cfg.head_size, None
 
     def _weighted(self, act: Tensor) -> Tensor:
@@ -126,43 +162,59 @@ def skipped(layer):
         handle.remove()
 
 
-def _cross_entropy_sum(log_probs: Tensor, tokens: Tensor, mask: Tensor) -> float:
-    picked = log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+def _cross_entropy_sum(log_probs: Tensor, tokens: Tensor, mask: Tensor, vocab: VocabSlice) -> float:
+    """Minus the summed log-probability of the next tokens: each from the rank whose slice holds it."""
+    local = tokens[:, 1:] - vocab.start
+    owned = (local >= 0) & (local < vocab.width)
+    picked = log_probs.gather(-1, local.clamp(0, max(vocab.width - 1, 0))[..., None]).squeeze(-1)
+    picked = vocab.sum(torch.where(owned, picked, torch.zeros_like(picked)))
     return float(-(picked.double() * mask).sum())
 
 
+def _gathered(local: Tensor, group) -> Tensor:
+    """The TP ranks' slices of a statistic, concatenated in rank order (the full vector on every rank)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local.cpu()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts).cpu()
+
+
 @torch.no_grad()
-def calibrate(model, tokens: Tensor, mask: Tensor, *, batch_size: int, layer_importance: bool,
+def calibrate(model, tokens: Tensor, mask: Tensor, ctx, *, batch_size: int, layer_importance: bool,
               progress: bool = False) -> Calibration:
-    """The statistics of `model` (a TP-1 LlamaGPT in eval mode) over `tokens` [N, S+1] at the `mask` positions."""
+    """The statistics of `model` (a LlamaGPT in eval mode, this rank's TP slices) over `tokens` [N, S+1] at the
+    `mask` positions; collective over `ctx`'s TP group, the same result on every rank."""
     from tqdm import tqdm
 
-    device = model.embedding.word_embeddings.weight.device
-    sums, layers = _Sums(model), model.decoder.layers
+    device, vocab = model.embedding.word_embeddings.weight.device, VocabSlice.of(model, ctx)
+    sums, layers = _Sums(model, ctx.tp_size), model.decoder.layers
     kl = torch.zeros(len(layers), dtype=torch.float64) if layer_importance else None
     loss, positions = 0.0, int(mask.sum())
     starts = range(0, len(tokens), batch_size)
     for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress):
         batch, where = tokens[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
         with sums.hooked(where):
-            full = _log_probs(model, batch[:, :-1])
-        loss += _cross_entropy_sum(full, batch, where)
+            full = _log_probs(model, batch[:, :-1], vocab)
+        loss += _cross_entropy_sum(full, batch, where, vocab)
         for i in range(len(layers)) if layer_importance else ():
             with skipped(layers[i]):
-                without = _log_probs(model, batch[:, :-1])
-            kl[i] += float(((full.exp() * (full - without)).sum(-1).double() * where).sum())
+                without = _log_probs(model, batch[:, :-1], vocab)
+            kl[i] += float((_kl_terms(full, without, vocab).double() * where).sum())
     count = max(positions, 1)
-    return Calibration(positions=positions, mlp=[s / count for s in sums.mlp], heads=[s / count for s in sums.heads],
-                       hidden=sums.hidden / (count * (len(layers) + 1)),
+    return Calibration(positions=positions, mlp=[_gathered(s, ctx.tp_group) / count for s in sums.mlp],
+                       heads=[_gathered(s, ctx.tp_group) / count for s in sums.heads],
+                       hidden=sums.hidden.cpu() / (count * (len(layers) + 1)),
                        layer_kl=None if kl is None else kl / count, loss=loss / count)
 
 
 @torch.no_grad()
-def mean_loss(model, tokens: Tensor, mask: Tensor, *, batch_size: int) -> float:
-    """The mean next-token cross-entropy of `model` over the `mask` positions of `tokens`."""
-    device = model.embedding.word_embeddings.weight.device
+def mean_loss(model, tokens: Tensor, mask: Tensor, ctx, *, batch_size: int) -> float:
+    """The mean next-token cross-entropy of `model` over the `mask` positions of `tokens` (collective over
+    `ctx`'s TP group)."""
+    device, vocab = model.embedding.word_embeddings.weight.device, VocabSlice.of(model, ctx)
     total = 0.0
     for start in range(0, len(tokens), batch_size):
         batch, where = tokens[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
-        total += _cross_entropy_sum(_log_probs(model, batch[:, :-1]), batch, where)
+        total += _cross_entropy_sum(_log_probs(model, batch[:, :-1], vocab), batch, where, vocab)
     return total / max(int(mask.sum()), 1)
