@@ -15,8 +15,8 @@ Design choice: the folder appears whole with its report or not at all, and its l
 loading what was written (so the report describes the files, not an in-memory copy); the cost is one
 more load and forward of the (small) student, on rank 0 only, at TP 1 (so a student whose heads do not split
 over `--tp` is fine). World = tp (no data parallelism): calibration is a few thousand tokens, and one replica
-keeps the statistics' summation order, hence the report, the same as at TP 1 up to float rounding; the cost
-is that more GPUs than the teacher's TP do not make calibration faster.
+runs the same batches as TP 1, so the report is TP 1's up to float rounding; the cost is that more GPUs
+than the teacher's TP do not make calibration faster.
 """
 from __future__ import annotations
 
