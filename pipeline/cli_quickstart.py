@@ -13,8 +13,9 @@ Run the whole pipeline on the Austen novels shipped in data/austen, on this mach
 train a BPE tokenizer, write token shards (train and held-out), pretrain a teacher on labels,
 cache its top-K (with exact rest mass) and sampled targets, and its top-K along its own
 continuations of one novel's prompts, then train the same student once per loss for the same budget
-(CE baseline, KL, RKL, JS, TVD, KL to sampled targets, KL along the teacher's samples), evaluating
-each on the held-out novel. About 11 minutes on 2 cores; --smoke does the same in about a minute
+(CE baseline, KL, RKL, JS, TVD, KL to sampled targets, KL from the teacher pruned to the student's
+size, KL along the teacher's samples), evaluating
+each on the held-out novel. About 12 minutes on 2 cores; --smoke does the same in about a minute
 with tiny models (a check that everything works, not a result).
 
 Writes into --out: results.md and results.csv (held-out perplexity, KL to the teacher, top-1
