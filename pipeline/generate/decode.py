@@ -195,30 +195,37 @@ class Generation:
 def generate(model, prompts: Sequence[Tensor], keys: Sequence[str], sampling: SamplingConfig, *, vocab_size: int,
              eos_id: Optional[int], seed: int = 0, group=None,
              on_step: Optional[Callable[[int], None]] = None,
-             on_logits: Optional[LogitsObserver] = None) -> Generation:
+             on_logits: Optional[LogitsObserver] = None, limits: Optional[Sequence[int]] = None) -> Generation:
     """Continuations of `prompts` (1-D int tensors) by `model` (this rank's TP slices, `group` its TP group;
     a DeepSpeed engine for a ZeRO-3 student, see `for_generation`).
 
     `keys` name the rows (a sample's key): they seed the draws. `on_step(n)` is called with the number
     of tokens each step added (for progress bars). `on_logits` sees the logits of every real position
     the decoder computes, prompt positions included (see `LogitsObserver`; None: prefill computes the
-    last position's only). Every rank of `group` returns the same tokens.
+    last position's only). `limits` caps each row's new tokens below `sampling.max_new_tokens` (a row
+    that reaches its cap leaves the batch, as one that meets EOS does). Every rank of `group` returns
+    the same tokens.
     """
     if len(keys) != len(prompts):
         raise ValueError(f"keys: expected one per prompt ({len(prompts)}), got {len(keys)}")
     steps = sampling.max_new_tokens
+    limits = torch.tensor([steps] * len(prompts) if limits is None else [min(int(n), steps) for n in limits])
+    if limits.numel() != len(prompts) or bool((limits < 1).any()):
+        raise ValueError(f"limits: expected one positive count per prompt ({len(prompts)}), got {limits.tolist()}")
     uniforms = torch.stack([draw_uniforms(seed, key, steps) for key in keys]) if keys else None
     with for_generation(model) as module:
         was_training = module.training
         module.eval()
         try:
-            return _decode(module, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits)
+            return _decode(module, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits,
+                           limits)
         finally:
             module.train(was_training)
 
 
-def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits) -> Generation:
-    steps = sampling.max_new_tokens
+def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_step, on_logits,
+            limits) -> Generation:
+    steps = int(limits.max())
     decoder = Decoder(model, prompts, steps)
     out = [[] for _ in prompts]
     ended = [False] * len(prompts)
@@ -234,7 +241,8 @@ def _decode(model, prompts, uniforms, sampling, vocab_size, eos_id, group, on_st
         stop = chosen == eos_id if eos_id is not None else torch.zeros_like(chosen, dtype=torch.bool)
         for row in active[stop].tolist():
             ended[row] = True
-        if step + 1 == steps or bool(stop.all()):
+        stop = stop | (limits[active] <= step + 1)
+        if bool(stop.all()):
             break
         if bool(stop.any()):
             still = (~stop).nonzero().flatten()

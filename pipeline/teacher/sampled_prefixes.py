@@ -240,7 +240,7 @@ class SampledPrefixJob(CacheJob):
                              keep=writers is not None)
         generation = generate(self.teacher.model, [torch.from_numpy(p) for p in prompts], keys, sampling,
                               vocab_size=manifest.vocab_size, eos_id=manifest.eos_id, seed=self.cfg.seed,
-                              group=self.ctx.tp_group, on_logits=along)
+                              group=self.ctx.tp_group, on_logits=along, limits=limits)
         if writers is None:  # this tp rank took part in the targets' collectives; rank 0 writes them
             return
         for row, (key, prompt, new, limit) in enumerate(zip(keys, prompts, generation.tokens, limits)):

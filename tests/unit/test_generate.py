@@ -192,3 +192,20 @@ def test_top_p_on_a_flat_distribution_needs_more_than_the_first_candidates():
     kept = set(order[before < 0.9].tolist())
     assert len(kept) > 200 and set(ids.tolist()) <= kept
     assert len(set(ids.tolist())) > 200
+
+
+def test_per_row_limits_cut_each_row_and_keep_its_draws(models, ctx):
+    """A row capped at n new tokens yields the first n tokens it yields uncapped (same draws), and leaves
+    the batch then; EOS still ends a row before its cap."""
+    model = load_hf(models["llama_gqa"][0], ctx)
+    prompts, keys = _prompts(), ["a", "b", "c", "d"]
+    sampling = SamplingConfig(top_k=30, max_new_tokens=9)
+    free = generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=None, seed=4)
+    capped = generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=None, seed=4, limits=[2, 9, 5, 1])
+    assert [t.tolist() for t in capped.tokens] == [t[:n].tolist() for t, n in zip(free.tokens, [2, 9, 5, 1])]
+    assert capped.ended == [False] * 4
+    eos = int(free.tokens[2][1])
+    stopped = generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=eos, seed=4, limits=[2, 9, 5, 1])
+    assert stopped.tokens[2].tolist()[-1] == eos and stopped.ended[2]
+    with pytest.raises(ValueError, match="limits"):
+        generate(model, prompts, keys, sampling, vocab_size=VOCAB, eos_id=None, limits=[1, 2])
