@@ -5,7 +5,7 @@ the model once, then each `step` feeds one new token per row and returns the nex
 of this rank's vocabulary slice. `generate` drives it: pick each row's next token (`sampling.py`), stop
 a row at EOS or after `max_new_tokens`, and drop finished rows from the batch and the cache so that
 the remaining rows do not pay for them. The output layer sees only the last position while the
-decoder runs (a forward pre-hook, `last_position_logits`), so prefill computes one row of vocabulary
+decoder runs (a forward pre-hook, `output_rows`), so prefill computes one row of vocabulary
 logits per prompt, not one per prompt token. Each row's draws come from uniforms seeded by
 (seed, the row's key), indexed by the step, so a row generates the same tokens whatever batch it is
 in, on a rerun and at every TP size.
@@ -13,7 +13,7 @@ in, on a rerun and at every TP size.
 An observer (`generate(..., on_logits=...)`, a `LogitsObserver`) sees the logits the decoder computes
 anyway, so a caller that needs the model's distribution along the sequences (the teacher-sampled cache
 job's targets) needs no second forward over them. With one, prefill computes the logits of every real
-prompt position (the output layer sees only the real slots, `real_position_logits`, instead of the last
+prompt position (the output layer sees only the real slots, `output_rows`, instead of the last
 one); that costs one vocabulary row per prompt token, paid only by callers that asked. Without one,
 nothing changes.
 
@@ -94,35 +94,29 @@ def for_generation(model):
 
 
 @contextlib.contextmanager
-def last_position_logits(model):
-    """Within the block, the model's output layer sees only the last position of its `[S, B, H]` input.
-
-    Only the last position's logits are used, so prefill does not pay for `B × (S − 1)` vocabulary
-    rows (at a 32000 vocabulary, most of a prefill's time); a decode step (S = 1) is unchanged.
+def output_rows(model, select):
+    """Within the block, the model's output layer sees `select(hidden)` of its `[S, B, H]` input instead,
+    so vocabulary rows are computed only for the positions a caller uses (`LAST`: each row's last slot,
+    `[1, B, H]`; `real_slots(valid)`: every real slot as one `[1, N, H]` sequence, row-major). At a 32000
+    vocabulary the output layer is most of a prefill's time; a decode step (S = 1) is unchanged by LAST.
     """
-    def last_only(module, args, kwargs):
-        return (args[0][-1:], *args[1:]), kwargs
+    def selected(module, args, kwargs):
+        return (select(args[0]), *args[1:]), kwargs
 
-    handle = model.output_layer.register_forward_pre_hook(last_only, with_kwargs=True)
+    handle = model.output_layer.register_forward_pre_hook(selected, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
 
 
-@contextlib.contextmanager
-def real_position_logits(model, valid: Tensor):
-    """Within the block, the model's output layer sees the real slots of its `[S, B, H]` input only,
-    `valid` [B, S] marking them, as one `[1, N, H]` sequence in row-major order: the model then returns
-    `[N, 1, Vl]`, no vocabulary row computed for a padding slot."""
-    def real_only(module, args, kwargs):
-        return (args[0].transpose(0, 1)[valid].unsqueeze(0), *args[1:]), kwargs
+def LAST(hidden: Tensor) -> Tensor:  # noqa: N802 - a selector constant for `output_rows`
+    return hidden[-1:]
 
-    handle = model.output_layer.register_forward_pre_hook(real_only, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+
+def real_slots(valid: Tensor):
+    """The `output_rows` selector of the slots `valid` [B, S] marks."""
+    return lambda hidden: hidden.transpose(0, 1)[valid].unsqueeze(0)
 
 
 class Decoder:
@@ -142,8 +136,7 @@ class Decoder:
     def _forward(self, tokens: Tensor, positions: Tensor, valid: Tensor, every_real: bool = False) -> Tensor:
         """[B, Vl] logits of each row's last slot, or with `every_real` [N, Vl] of every valid slot."""
         self.cache.begin(valid)
-        outputs = real_position_logits(self.model, valid) if every_real else last_position_logits(self.model)
-        with self.cache.attached(), outputs:
+        with self.cache.attached(), output_rows(self.model, real_slots(valid) if every_real else LAST):
             logits = self.model(tokens, positions=positions)
         self.cache.finish()
         return logits[:, -1]

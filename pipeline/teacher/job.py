@@ -37,7 +37,7 @@ from pipeline.teacher.format import codec_of, encode_record, target_positions, t
 from pipeline.teacher.identity import bind_output, check_teacher_tokenizer, check_vocabulary, weights_sha256
 from pipeline.teacher.targets import sampled_targets, topk_targets
 from pipeline.teacher.writer import CacheShardWriter, ShardRecord, write_cache_manifest
-from tokenization.format import decode_sample
+from tokenization.format import ShardEntry, decode_sample
 
 
 @dataclass
@@ -167,11 +167,15 @@ class CacheJob:
         return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher cache",
                     disable=not (self.cfg.progress and self.ctx.rank == 0))
 
-    def _cache_shard(self, index: int, bar) -> ShardRecord | None:
+    def _open_shard(self, index: int) -> tuple[ShardEntry, str, ShardReader]:
+        """Token shard `index`: its manifest entry, its name for messages, and a reader (sha256 checked)."""
         entry, where = self.tokens.manifest.shards[index], self.tokens.where(index)
         url = self.tokens.url(index)
         verify_shard(url, entry.sha256, where=where)
-        reader = ShardReader(url, expected=entry.samples, where=where)
+        return entry, where, ShardReader(url, expected=entry.samples, where=where)
+
+    def _cache_shard(self, index: int, bar) -> ShardRecord | None:
+        entry, where, reader = self._open_shard(index)
         writer = CacheShardWriter(self.cfg.output, entry.name, source=entry) if self.ctx.tp_rank == 0 else None
         try:
             for start in range(0, entry.samples, self.cfg.micro_batch):

@@ -45,7 +45,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.config import CacheConfig, ConfigError, PrefixConfig, config_to_dict
-from pipeline.data.shards import ShardReader, verify_shard
 from pipeline.generate import generate
 from pipeline.teacher.identity import bind_output
 from pipeline.teacher.format import target_positions
@@ -199,10 +198,7 @@ class SampledPrefixJob(CacheJob):
                     disable=not (self.cfg.progress and self.ctx.rank == 0))
 
     def _cache_shard(self, index: int, bar) -> ShardRecord | None:
-        entry, where = self.tokens.manifest.shards[index], self.tokens.where(index)
-        url = self.tokens.url(index)
-        verify_shard(url, entry.sha256, where=where)
-        reader = ShardReader(url, expected=entry.samples, where=where)
+        entry, where, reader = self._open_shard(index)
         writers = None
         if self.ctx.tp_rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
