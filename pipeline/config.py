@@ -20,7 +20,8 @@ from pipeline.config_tree import (COMMAND_LINE, Check, ConfigError, at_least, co
                                   positive, section, setting)
 
 __all__ = ["COMMAND_LINE", "CacheConfig", "Check", "CheckpointConfig", "ComputeConfig", "ConfigError", "DivergenceName",
-           "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrefixConfig",
+           "EvalConfig", "LogConfig", "LossConfig", "ModelConfig", "OnPolicySamplingConfig", "OnlineTeacherConfig",
+           "OptimizerConfig", "ParallelConfig", "PhaseConfig", "PrefixConfig", "PrefixSourcesConfig",
            "RiskSamplingConfig", "RunConfig", "SamplingConfig", "ScheduleConfig", "StudentModelConfig",
            "TargetsConfig", "TeacherSamplingConfig", "TrainConfig", "TrainDataConfig",
            "at_least", "config_reference", "config_to_dict", "dump_yaml", "from_dict", "greater_than", "in_range",
@@ -42,6 +43,86 @@ class ParallelConfig:
     timeout_minutes: int = setting(30, "How long a collective may wait before the job fails. Too short kills "
                                        "jobs during slow checkpoints; too long lets a hung rank hold the "
                                        "allocation.", positive)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a model picks each next token when it generates (`distill generate`, teacher-sampled caches, risks)."""
+
+    mode: Literal["sample", "greedy"] = setting(
+        "sample", "sample = draw from softmax(logits/temperature), restricted by top_k and top_p; greedy = the "
+                  "most likely id (temperature, top_k and top_p unused).")
+    temperature: float = setting(1.0, "T dividing the logits before the softmax the draws come from.", positive)
+    top_k: int = setting(0, "Draw only among the k most likely ids (renormalised); 0 = no limit. f-DISTILL "
+                            "sampled its prefixes with top_k 30.", non_negative)
+    top_p: float = setting(1.0, "Nucleus: draw only among the most likely ids whose mass first reaches top_p "
+                                "(after top_k); 1 = no limit.", in_range(0, 1, low_open=True))
+    max_new_tokens: int = setting(128, "Most tokens generated per prompt; generation stops earlier at EOS.",
+                                  positive)
+
+
+@dataclass(frozen=True)
+class OnPolicySamplingConfig(SamplingConfig):
+    """How the online teacher or the student continues a prompt during training: `SamplingConfig` with
+    f-DISTILL's settings (top_k 30 at temperature 1) as the defaults."""
+
+    top_k: int = setting(30, "Draw only among the k most likely ids (renormalised); 0 = no limit. 30 is what "
+                             "f-DISTILL sampled its prefixes with.", non_negative)
+
+
+@dataclass(frozen=True)
+class PrefixSourcesConfig:
+    """Where the prefixes the loss is computed along come from, as fractions of every micro-batch's samples.
+
+    data: the token samples as they are (word-level distillation). teacher: each sample's first prompt_len
+    tokens continued by the online teacher (teacher.online), or the offline teacher-sampled shards of
+    `distill cache` used as data. student: the same prompts continued by the student as it trains
+    (on-policy). The loss counts the generated positions; the teacher scores exactly those tokens."""
+
+    data: Optional[float] = setting(None, "Fraction of each micro-batch's samples trained on as they are; null = "
+                                          "the rest, 1 − teacher − student.", in_range(0, 1))
+    teacher: float = setting(0.0, "Fraction continued by the online teacher (needs teacher.online).",
+                             in_range(0, 1))
+    student: float = setting(0.0, "Fraction continued by the student itself, on-policy (needs teacher.online: "
+                                  "only an online teacher can score the student's samples).", in_range(0, 1))
+    prompt_len: int = setting(32, "teacher/student: tokens of each sample used as its prompt (all the real tokens "
+                                  "of a shorter padded sample); at most seq_len.", positive)
+    loss_on: Literal["generated", "all"] = setting(
+        "generated", "teacher/student: positions a generated sample's loss counts: generated = those whose label "
+                     "is a generated token; all = every real position (prompt labels too).")
+    sampling: OnPolicySamplingConfig = section(
+        OnPolicySamplingConfig, "teacher/student: how a prompt is continued: up to min(max_new_tokens, seq_len + 1 "
+                                "− prompt_len) new tokens, stopping at EOS; draws seeded by (seed, sample key, "
+                                "optimizer step).")
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.teacher + self.student > 1.0 + 1e-9:
+            raise ConfigError("teacher", f"teacher + student = {self.teacher + self.student} exceeds 1 (data takes "
+                                         "the rest, 1 − teacher − student)")
+        total = self.data_fraction + self.teacher + self.student
+        if abs(total - 1.0) > 1e-9:
+            raise ConfigError("data", f"the fractions data + teacher + student must sum to 1, got "
+                                      f"{self.data} + {self.teacher} + {self.student} = {total}")
+
+    @property
+    def data_fraction(self) -> float:
+        return 1.0 - self.teacher - self.student if self.data is None else self.data
+
+    def fractions(self) -> dict[str, float]:
+        return {"data": max(self.data_fraction, 0.0), "teacher": self.teacher, "student": self.student}
+
+    @property
+    def generates(self) -> bool:
+        return self.teacher > 0 or self.student > 0
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase of the loss schedule: `steps` optimizer steps with their own divergence and prefix sources."""
+
+    steps: int = setting(1, "Optimizer steps of this phase.", positive)
+    divergence: Optional[DivergenceName] = setting(None, "The divergence of this phase; null = loss.divergence.")
+    prefixes: PrefixSourcesConfig = section(PrefixSourcesConfig, "The prefix sources of this phase.")
 
 
 @dataclass(frozen=True)
@@ -83,10 +164,33 @@ class LossConfig:
         "tail", "How sparse top-k teacher targets are compared. tail adds a rest-of-vocabulary bucket to both "
                 "sides: the exact divergence of the coarsened distributions, a lower bound of the full one. "
                 "renorm renormalises both over the k ids: the common but biased practice, for comparison.")
+    prefixes: PrefixSourcesConfig = section(
+        PrefixSourcesConfig, "Where the prefixes come from (f-DISTILL: kl on teacher samples, rkl on student "
+                             "samples, js and tvd on both halves). Generated prefixes need teacher.online.")
+    phases: list[PhaseConfig] = setting(
+        [], "A schedule run before the main loss: each phase trains `steps` steps with its own divergence and "
+            "prefixes (e.g. a word-level pre-distillation phase: {steps: 200, divergence: kl}); after the last "
+            "phase, divergence and prefixes above apply. The step counter is checkpointed, so a resumed run "
+            "continues in the same phase.")
 
     def __post_init__(self) -> None:
         if self.kl_warmup_steps and self.divergence == "ce":
             raise ConfigError("kl_warmup_steps", "needs a teacher: divergence is ce (labels only); set it to 0")
+        if self.kl_warmup_steps and self.phases:
+            raise ConfigError("kl_warmup_steps", "and phases both schedule the start of the run; express the KL "
+                                                 "warm-up as the first phase ({steps: N, divergence: kl}) instead")
+
+    def phase_at(self, step: int) -> tuple[str, PrefixSourcesConfig]:
+        """(divergence, prefixes) of optimizer step `step` (0-based): the phase it falls in, else the main ones."""
+        for phase in self.phases:
+            if step < phase.steps:
+                return phase.divergence or self.divergence, phase.prefixes
+            step -= phase.steps
+        return self.divergence, self.prefixes
+
+    @property
+    def all_prefixes(self) -> list[PrefixSourcesConfig]:
+        return [self.prefixes, *(phase.prefixes for phase in self.phases)]
 
     def divergence_params(self) -> dict[str, float]:
         """The divergence-specific keyword arguments `distill_loss` takes for this divergence."""
@@ -189,22 +293,6 @@ class ComputeConfig:
     vocab_multiple: int = setting(
         128, "The vocabulary is padded to a multiple of vocab_multiple × tp, for kernel-friendly shapes and an "
              "even split over tensor-parallel ranks.", positive)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How a model picks each next token when it generates (`distill generate`, teacher-sampled caches, risks)."""
-
-    mode: Literal["sample", "greedy"] = setting(
-        "sample", "sample = draw from softmax(logits/temperature), restricted by top_k and top_p; greedy = the "
-                  "most likely id (temperature, top_k and top_p unused).")
-    temperature: float = setting(1.0, "T dividing the logits before the softmax the draws come from.", positive)
-    top_k: int = setting(0, "Draw only among the k most likely ids (renormalised); 0 = no limit. f-DISTILL "
-                            "sampled its prefixes with top_k 30.", non_negative)
-    top_p: float = setting(1.0, "Nucleus: draw only among the most likely ids whose mass first reaches top_p "
-                                "(after top_k); 1 = no limit.", in_range(0, 1, low_open=True))
-    max_new_tokens: int = setting(128, "Most tokens generated per prompt; generation stops earlier at EOS.",
-                                  positive)
 
 
 @dataclass(frozen=True)
@@ -388,6 +476,35 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class OnlineTeacherConfig:
+    """A teacher run beside the student (`teacher.online`): it scores every micro-batch on the spot."""
+
+    online: str = setting(
+        "", "Teacher model (a Hugging Face folder, or a TP checkpoint split for this run's tp and "
+            "compute.vocab_multiple), loaded once per run at the student's TP layout, frozen, not ZeRO-partitioned, "
+            "in compute.dtype (bf16 on CUDA). Its logits are dense targets, never gathered. Needed for generated "
+            "prefixes (loss.prefixes); excludes data.teacher_cache. Empty = no online teacher.")
+    hidden_weight: float = setting(
+        0.0, "Weight of the intermediate-state loss added to the loss: the distance between chosen teacher and "
+             "student layers' hidden states (through a learned linear map when the widths differ). 0 = off.",
+        non_negative)
+    hidden_loss: Literal["mse", "cosine"] = setting(
+        "mse", "Distance of the intermediate-state loss: mse (mean squared error per element) or cosine (1 − "
+               "cosine similarity per position).")
+    student_layers: list[int] = setting(
+        [], "Student layers (1-based output of that layer; 0 = the embedding) whose hidden states are matched; "
+            "empty = the last layer. Pairs with teacher_layers item by item.", non_negative)
+    teacher_layers: list[int] = setting(
+        [], "Teacher layers matched with student_layers, item by item; empty = the last layer.", non_negative)
+
+    def __post_init__(self) -> None:
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ConfigError("teacher_layers", f"pairs with student_layers item by item: got "
+                                                f"{len(self.teacher_layers)} teacher and {len(self.student_layers)} "
+                                                "student layers")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The student trainer (`distill train`): DeepSpeed ZeRO-3 over the data-parallel ranks, optional TP."""
 
@@ -403,6 +520,8 @@ class TrainConfig:
                                                     "masking).")
     parallel: ParallelConfig = section(ParallelConfig, "Process layout: world = dp × tp; ZeRO-3 shards over dp.")
     loss: LossConfig = section(LossConfig, "The distillation loss.")
+    teacher: OnlineTeacherConfig = section(OnlineTeacherConfig, "An online teacher beside the student (instead of "
+                                                                "data.teacher_cache).")
     optim: OptimizerConfig = section(OptimizerConfig, "Optimizer and learning-rate schedule.")
     schedule: ScheduleConfig = section(ScheduleConfig, "Steps and batch sizes.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")

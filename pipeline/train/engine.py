@@ -26,6 +26,7 @@ more scalar all-reduce per step, before the first forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -83,20 +84,44 @@ class StepResult:
 
 
 class StudentStep:
-    """Runs optimizer steps of `engine` on micro-batches, with teacher targets from `targets` (or none)."""
+    """Runs optimizer steps of `engine` on micro-batches, with teacher targets from `targets` (a cache's reader,
+    an online teacher, or none) along the prefixes `prefixes` (a `PrefixSampler`, or None: the data's)."""
 
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, engine, targets):
-        self.cfg, self.ctx, self.engine, self.targets = cfg, ctx, engine, targets
-        common = dict(tp_group=ctx.tp_group, temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
-                      chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
-        self.loss_kwargs = dict(divergence=cfg.loss.divergence, **common, **cfg.loss.divergence_params())
-        self.warmup_kwargs = dict(divergence="kl", **common)  # loss.kl_warmup_steps: forward KL first
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, engine, targets, prefixes=None):
+        self.cfg, self.ctx, self.engine, self.targets, self.prefixes = cfg, ctx, engine, targets, prefixes
+        self.common = dict(tp_group=ctx.tp_group, temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
+                           chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
+        self.loss_kwargs = self.kwargs_for(cfg.loss.divergence)
+        self.warmup_kwargs = self.kwargs_for("kl")  # loss.kl_warmup_steps: forward KL first
+        self.times: dict = {}
 
-    def step_loss_kwargs(self) -> dict:
-        """`distill_loss`'s settings for the coming optimizer step: forward KL during loss.kl_warmup_steps (the
-        engine's step counter is restored on resume, so a resumed run switches at the same step)."""
-        warm = self.engine.global_steps < self.cfg.loss.kl_warmup_steps
+    def kwargs_for(self, divergence: str) -> dict:
+        params = dataclasses.replace(self.cfg.loss, divergence=divergence, kl_warmup_steps=0, phases=[])
+        return dict(divergence=divergence, **self.common, **params.divergence_params())
+
+    def step_loss_kwargs(self, step: int | None = None) -> dict:
+        """`distill_loss`'s settings for optimizer step `step` (0-based; default the engine's counter): the
+        phase's divergence (loss.phases), or forward KL during loss.kl_warmup_steps. Both counters are restored
+        on resume, so a resumed run switches at the same step."""
+        step = self.engine.global_steps if step is None else step
+        if self.cfg.loss.phases:
+            divergence, _ = self.cfg.loss.phase_at(step)
+            return self.loss_kwargs if divergence == self.cfg.loss.divergence else self.kwargs_for(divergence)
+        warm = step < self.cfg.loss.kl_warmup_steps
         return self.warmup_kwargs if warm else self.loss_kwargs
+
+    def prepare(self, micro_batches: list, step: int) -> list:
+        """The micro-batches the loss reads at `step`: the data's, or with rows continued by the online teacher
+        or the student (loss.prefixes, or the phase's); records the decoding time and generated tokens."""
+        _, prefixes = self.cfg.loss.phase_at(step)
+        self.times = {}
+        if self.prefixes is None or not prefixes.generates:
+            return micro_batches
+        out = self.prefixes.prepare(micro_batches, step, prefixes, self.engine)
+        stats = self.prefixes.stats
+        self.times = {f"generate_{k}_s": v for k, v in stats.seconds.items()}
+        self.times.update({f"generated_{k}_tokens": float(v) for k, v in stats.tokens.items()})
+        return out
 
     def forward(self, batch: dict, *, targets=True):
         """(logits [B, S, Vl], labels [B, S], the mask [B, S] of positions that count, the batch's teacher
@@ -109,10 +134,13 @@ class StudentStep:
         teacher = self.targets.targets(batch, device) if (targets and self.targets is not None) else None
         return self.engine(inputs, document_ids=documents), labels, mask, teacher
 
-    def run(self, micro_batches: list) -> StepResult:
+    def run(self, micro_batches: list, step: int | None = None) -> StepResult:
+        """One optimizer step on `micro_batches` at optimizer step `step` (0-based; default the engine's)."""
+        step = self.engine.global_steps if step is None else step
+        micro_batches = self.prepare(micro_batches, step)
         sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
         skipped_before, lr = self.engine.skipped_steps, self.engine.get_lr()[0]
-        shares, loss_kwargs = self._token_shares(micro_batches), self.step_loss_kwargs()
+        shares, loss_kwargs = self._token_shares(micro_batches), self.step_loss_kwargs(step)
         for batch, share in zip(micro_batches, shares):
             logits, labels, mask, teacher = self.forward(batch)
             out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **loss_kwargs)

@@ -26,7 +26,7 @@ from pipeline.train.evaluate import Evaluator
 from pipeline.train.init_from import resolve_init
 from pipeline.train.monitor import Monitor, memory_gib
 from pipeline.train.preemption import REQUEUE_EXIT_CODE, StopRequest
-from pipeline.train.setup import check_settings, open_teacher, run_identity
+from pipeline.train.setup import check_settings, open_teacher, prefix_sampler, run_identity
 from pipeline.train.stream import TrainStream
 from tokenization.format import write_atomic
 
@@ -50,7 +50,7 @@ class TrainingRun:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run_dir)
         self.stream = TrainStream(cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-        self.teacher = open_teacher(cfg, cfg.data.teacher_cache)
+        self.teacher = open_teacher(cfg, ctx)
         self.identity = run_identity(cfg, ctx, self.stream, self.teacher)
         self.store = CheckpointStore(self.run_dir / "checkpoints", ctx)
         self.resume_tag = self._checked_latest()  # before building anything: a foreign checkpoint fails fast
@@ -58,7 +58,7 @@ class TrainingRun:
         self.evaluator = Evaluator(cfg, ctx) if cfg.data.eval_tokens else None
         init = cfg.model.init if self.resume_tag is None else ""
         self.engine, self.ds_config = build_engine(cfg, ctx, init=init)
-        self.student = StudentStep(cfg, ctx, self.engine, self.teacher)
+        self.student = StudentStep(cfg, ctx, self.engine, self.teacher, prefix_sampler(cfg, ctx, self.teacher))
 
     def execute(self) -> int:
         resumed = self._resume()
@@ -101,7 +101,7 @@ class TrainingRun:
     def _train_one(self) -> None:
         start = time.perf_counter()
         batches = self.stream.next_step()
-        result = self.student.run(batches.micro_batches)
+        result = self.student.run(batches.micro_batches, self.step)
         self.step += 1
         self.consumed_tokens += result.tokens
         if result.skipped:
@@ -126,6 +126,10 @@ class TrainingRun:
             "perf/data_wait_fraction": wait_s / max(seconds, 1e-9), "perf/memory_gib": memory_gib(self.ctx.device),
             "data/consumed_tokens": float(self.consumed_tokens),
             "data/epoch": self.step / max(self.stream.steps_per_epoch, 1)})
+        if hasattr(self.teacher, "take_seconds"):  # an online teacher: its forward time, apart from the student's
+            values["perf/teacher_s"] = self.teacher.take_seconds()
+        for name, value in self.student.times.items():
+            values[f"perf/{name}" if name.endswith("_s") else f"data/{name}"] = value
         return values
 
     # ---- checkpoints

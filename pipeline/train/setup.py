@@ -27,16 +27,18 @@ def check_settings(cfg: TrainConfig) -> None:
     for key, value in (("run_dir", cfg.run_dir), ("data.tokens", cfg.data.tokens)):
         if not value:
             raise TrainError(f"{key}: is required; set it in the config or as an override ({key}=PATH)")
-    if not cfg.data.teacher_cache and cfg.loss.divergence != "ce":
-        raise TrainError(f"loss.divergence={cfg.loss.divergence!r} needs a teacher, but data.teacher_cache is empty; "
-                         "set data.teacher_cache to a cache from `distill cache`, or loss.divergence=ce for plain "
-                         "next-token training")
+    _check_teacher(cfg)
     if cfg.data.eval_teacher_cache and not cfg.data.eval_tokens:
         raise TrainError("data.eval_teacher_cache is set but data.eval_tokens is empty; set both or neither")
     if cfg.eval.teacher and not cfg.data.eval_tokens:
         raise TrainError("eval.teacher is set (risks) but data.eval_tokens is empty; the risks' prompts come from "
                          "the held-out shards: set data.eval_tokens, or leave eval.teacher empty")
     tokens = ShardSet(cfg.data.tokens).manifest
+    for key, prefixes in _prefix_settings(cfg):
+        if prefixes.generates and not 1 <= prefixes.prompt_len <= tokens.seq_len:
+            raise TrainError(f"{key}.prompt_len={prefixes.prompt_len} leaves no token to generate: the samples of "
+                             f"{cfg.data.tokens} hold seq_len + 1 = {tokens.seq_len + 1} tokens; expected "
+                             f"1 ≤ prompt_len ≤ {tokens.seq_len}")
     if tokens.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the token shards "
                          f"in {cfg.data.tokens} ({tokens.vocab_size}); set model.vocab_size to at least that")
@@ -45,6 +47,36 @@ def check_settings(cfg: TrainConfig) -> None:
             _check_cache(cfg, cache, trained_on=trained_on)
     if cfg.data.tokenizer:
         _check_tokenizer(cfg.data.tokenizer, tokens.tokenizer_fingerprint, cfg.data.tokens)
+
+
+def _prefix_settings(cfg: TrainConfig) -> list:
+    return [("loss.prefixes", cfg.loss.prefixes)] + [(f"loss.phases[{i}].prefixes", phase.prefixes)
+                                                     for i, phase in enumerate(cfg.loss.phases)]
+
+
+def _check_teacher(cfg: TrainConfig) -> None:
+    """A teacher wherever the loss or the prefixes need one, and never two."""
+    if cfg.teacher.online and cfg.data.teacher_cache:
+        raise TrainError(f"teacher.online={cfg.teacher.online} and data.teacher_cache={cfg.data.teacher_cache} are "
+                         "both set; a run learns from one teacher: the online model's dense logits, or the cache's "
+                         "sparse targets. Empty one of them")
+    divergences = {cfg.loss.divergence, *(p.divergence for p in cfg.loss.phases if p.divergence)}
+    if cfg.loss.kl_warmup_steps:
+        divergences.add("kl")
+    if not (cfg.teacher.online or cfg.data.teacher_cache) and divergences - {"ce"}:
+        wanted = sorted(divergences - {"ce"})
+        raise TrainError(f"loss.divergence={wanted[0]!r} needs a teacher, but data.teacher_cache and teacher.online "
+                         "are empty; set data.teacher_cache to a cache from `distill cache`, teacher.online to a "
+                         "teacher model, or loss.divergence=ce for plain next-token training")
+    for key, prefixes in _prefix_settings(cfg):
+        if prefixes.generates and not cfg.teacher.online:
+            raise TrainError(f"{key}: teacher={prefixes.teacher}, student={prefixes.student} generate prefixes, "
+                             "which only an online teacher can continue and score; set teacher.online to the "
+                             "teacher model (or train on the offline teacher-sampled shards of `distill cache` "
+                             "with prefixes.source=teacher as data.tokens)")
+    if cfg.teacher.hidden_weight and not cfg.teacher.online:
+        raise TrainError("teacher.hidden_weight needs teacher.online: the hidden states come from the online "
+                         "teacher's forward")
 
 
 def _check_cache(cfg: TrainConfig, cache: str, *, trained_on: bool) -> None:
@@ -78,14 +110,31 @@ def _check_tokenizer(path: str, expected: str, tokens: str) -> None:
                          f"{tokens} were made with ({expected[:12]}…)")
 
 
-def open_teacher(cfg: TrainConfig, cache: str):
-    """The cache's target decoder, or None without a teacher."""
-    if not cache:
+def open_teacher(cfg: TrainConfig, ctx: ParallelContext):
+    """The targets' source: the online teacher (teacher.online), the cache's target decoder
+    (data.teacher_cache), or None without a teacher."""
+    if cfg.teacher.online:
+        from pipeline.online.teacher import OnlineTeacher
+
+        return OnlineTeacher(cfg, ctx)
+    if not cfg.data.teacher_cache:
         return None
     from pipeline.teacher.reader import CacheTargets
     from pipeline.train.stream import TEACHER
 
-    return CacheTargets(cache, prefix=TEACHER, sparse_mode=cfg.loss.target_mode)
+    return CacheTargets(cfg.data.teacher_cache, prefix=TEACHER, sparse_mode=cfg.loss.target_mode)
+
+
+def prefix_sampler(cfg: TrainConfig, ctx: ParallelContext, teacher):
+    """The `PrefixSampler` that continues rows with the online teacher or the student, or None when every
+    prefix comes from the data (no source of loss.prefixes or of a phase generates)."""
+    if not any(p.generates for p in cfg.loss.all_prefixes):
+        return None
+    from pipeline.online.prefixes import PrefixSampler
+
+    manifest = ShardSet(cfg.data.tokens).manifest
+    return PrefixSampler(teacher_model=teacher.model, vocab_size=cfg.model.vocab_size, eos_id=manifest.eos_id,
+                         seq_len=manifest.seq_len, seed=cfg.seed, tp_group=ctx.tp_group)
 
 
 def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dict:
@@ -97,7 +146,8 @@ def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dic
                     "document_masking": cfg.compute.document_masking, "vocab_multiple": cfg.compute.vocab_multiple},
         "tokenizer": tokens.manifest.tokenizer_fingerprint,
         "data": stream.datasets[0].fingerprint,
-        "teacher_cache": None if teacher is None else ShardSet(teacher.location).fingerprint(),
+        "teacher_cache": ShardSet(cfg.data.teacher_cache).fingerprint() if cfg.data.teacher_cache else None,
+        "teacher_online": cfg.teacher.online or None,
         "loss": config_to_dict(cfg.loss),
         "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size},
         "batch": {"micro_batch": cfg.schedule.micro_batch, "grad_accumulation": cfg.schedule.grad_accumulation},
