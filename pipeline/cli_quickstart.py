@@ -26,6 +26,13 @@ the same command again finishes an interrupted quickstart; another config needs 
   distill quickstart                         # runs/quickstart
   distill quickstart --smoke --out runs/smoke
   distill quickstart student_run.steps=400 divergences=[kl,js] --out runs/qs400
+
+--recipe fdistill trains f-DISTILL's sequence-level students instead, with the teacher online beside each
+(no caches): KL along the teacher's own samples, RKL along the student's (on-policy), JS and TVD along half
+of each, after a short word-level KL phase, against the CE baseline; the same table, with the likelihood
+risk (R_llh, low for RKL) and the coverage risk (R_cvg, low for KL). Writes into runs/quickstart_fdistill.
+
+  distill quickstart --recipe fdistill
 """
 
 
@@ -38,6 +45,9 @@ def add_quickstart_command(commands) -> None:
                                                              "as in configs/quickstart.yaml)")
     quickstart.add_argument("--out", metavar="DIR", default=None,
                             help="run folder (default: runs/quickstart, or runs/quickstart_smoke with --smoke)")
+    quickstart.add_argument("--recipe", choices=("compare", "fdistill"), default=None,
+                            help="compare (default): one student per loss from the teacher's caches; fdistill: "
+                                 "f-DISTILL's students with an online teacher (sets recipe=...)")
     quickstart.add_argument("--smoke", action="store_true",
                             help="tiny models and a few steps: about a minute, to check the pipeline end to end")
     quickstart.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -52,8 +62,10 @@ def run_quickstart_command(args: argparse.Namespace) -> int:
     from pipeline.quickstart import QuickstartConfig, StageFailed, run_quickstart
     from pipeline.quickstart.settings import SMOKE
 
-    cfg = load_config(QuickstartConfig, args.config, (SMOKE if args.smoke else []) + list(args.overrides))
-    out = Path(args.out or ("runs/quickstart_smoke" if args.smoke else "runs/quickstart"))
+    recipe = [f"recipe={args.recipe}"] if args.recipe else []
+    cfg = load_config(QuickstartConfig, args.config, (SMOKE if args.smoke else []) + recipe + list(args.overrides))
+    default = "runs/quickstart" + ("_fdistill" if cfg.recipe == "fdistill" else "") + ("_smoke" if args.smoke else "")
+    out = Path(args.out or default)
     try:
         run_quickstart(cfg, out, shlex.join(["distill", *args.argv]))
     except StageFailed as failure:

@@ -6,6 +6,9 @@ the same commands a user would type (OUT/commands.sh lists them), so what the de
 pipeline does, and each stage can be rerun or changed by hand. The cost: every stage is a new process
 (a few seconds of imports each).
 
+The fdistill recipe (`recipe: fdistill`) keeps the tokenizer, shards, teacher and held-out cache stages and
+trains f-DISTILL's four students with the exported teacher online (`fdistill_runs`) instead of the caches'.
+
 Layout of OUT: tokenizer.json, data/{train,heldout,prompts}, runs/<name>/ (checkpoints, tensorboard,
 metrics), teacher_hf/, cache/{train_topk,heldout_topk,train_sampled,train_teacher_sampled(/generated)},
 student_pruned_hf/, student_hf/, configs/, logs/, results.{md,csv}, loss_curves.png.
@@ -57,10 +60,13 @@ class StudentRun:
     kl_warmup_steps: int = 0
     tokens: str = "data/train"  # its token shards, relative to OUT
     init: str = ""  # the folder under OUT its weights start from (model.init); "" = random from the seed
+    online: bool = False  # scored by the online teacher (the exported teacher) instead of a cache
+    extra_loss: tuple = ()  # more loss-section items: (key, value) pairs (prefixes, phases, beta)
 
     def loss(self) -> dict:
         """The run's loss section."""
-        return {"divergence": self.divergence, "ce_weight": self.ce_weight, "kl_warmup_steps": self.kl_warmup_steps}
+        return {"divergence": self.divergence, "ce_weight": self.ce_weight, "kl_warmup_steps": self.kl_warmup_steps,
+                **dict(self.extra_loss)}
 
 
 def resolve_inputs(patterns: list[str], key: str) -> list[str]:
@@ -75,8 +81,38 @@ def resolve_inputs(patterns: list[str], key: str) -> list[str]:
     return files
 
 
+FDISTILL_PREFIXES = {"kl": {"teacher": 1.0}, "rkl": {"student": 1.0}, "js": {"teacher": 0.5, "student": 0.5},
+                     "tvd": {"teacher": 0.5, "student": 0.5}}
+"""f-DISTILL's prefix sources per divergence: KL along the teacher's samples, RKL along the student's, JS and
+TVD along half of each."""
+
+
+def fdistill_runs(cfg: QuickstartConfig) -> list[StudentRun]:
+    """The CE baseline and f-DISTILL's four students, each scored by the online teacher along its prefixes."""
+    fd = cfg.fdistill
+    sampling = {"top_k": fd.top_k, "max_new_tokens": fd.max_new_tokens}
+    pre = min(fd.predistill_steps, cfg.student_run.steps - 1)
+    runs = [StudentRun(BASELINE, "ce", "", "CE on labels (baseline)")]
+    for name, sources in FDISTILL_PREFIXES.items():
+        prefixes = {**sources, "prompt_len": fd.prompt_len, "sampling": sampling}
+        extra = [("prefixes", prefixes)]
+        if pre:
+            extra.append(("phases", [{"steps": pre, "divergence": "kl"}]))
+        if name == "js":
+            extra.append(("beta", fd.js_beta))
+        where = " and ".join(f"{share:g} {source}" for source, share in sources.items())
+        label = (f"{name.upper()} along {where} samples" if len(sources) > 1 else
+                 f"{name.upper()} along the {next(iter(sources))}'s samples")
+        runs.append(StudentRun(f"fd_{name}", name, "", label + (f", after {pre} steps of word-level KL" if pre else ""),
+                               online=True, extra_loss=tuple(extra)))
+    return runs
+
+
 def student_runs(cfg: QuickstartConfig) -> list[StudentRun]:
-    """The CE baseline, one top-K student per divergence, and the sampled-target student."""
+    """The CE baseline, one top-K student per divergence, and the sampled-target student (the fdistill recipe:
+    `fdistill_runs`)."""
+    if cfg.recipe == "fdistill":
+        return fdistill_runs(cfg)
     runs = [StudentRun(BASELINE, "ce", "", "CE on labels (baseline)")]
     mix = f" + {cfg.ce_weight:g}·CE" if cfg.ce_weight else ""
     for name in cfg.divergences:
@@ -113,9 +149,11 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
         Stage("teacher_export", "export the teacher as a Hugging Face folder",
               ["export", "--checkpoint", str(out / "runs" / TEACHER), "--out", str(out / "teacher_hf"),
                "--force"]),
-        _cache_stage(cfg, out, "train_topk", "train", "topk"),
+        *([] if cfg.recipe == "fdistill" else [_cache_stage(cfg, out, "train_topk", "train", "topk")]),
         _cache_stage(cfg, out, "heldout_topk", "heldout", "topk"),
     ]
+    if cfg.recipe == "fdistill":
+        return stages + _student_stages(cfg, out, pick_student)
     if cfg.sampled:
         stages.append(_cache_stage(cfg, out, "train_sampled", "train", "sampled"))
     if cfg.teacher_sampled.prompts:
@@ -124,8 +162,13 @@ def build_plan(cfg: QuickstartConfig, out: Path, *, workers: int = 2,
                    _cache_stage(cfg, out, "train_teacher_sampled", "prompts", "topk")]
     if cfg.pruned:
         stages.append(_prune_stage(cfg, out))
-    stages += [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}", run.tokens, run.init)
-               for run in student_runs(cfg)]
+    return stages + _student_stages(cfg, out, pick_student)
+
+
+def _student_stages(cfg: QuickstartConfig, out: Path, pick_student: Callable[[], str] | None) -> list[Stage]:
+    """One training stage per student run, then the export of the best one."""
+    stages = [_train_stage(cfg, out, run.name, run.loss(), run.cache, f"student: {run.label}", run.tokens, run.init,
+                           run.online) for run in student_runs(cfg)]
     pick = pick_student or (lambda: BASELINE)
     stages.append(Stage("student_export", "export the best distilled student as a Hugging Face folder",
                         lambda: ["export", "--checkpoint", str(out / "runs" / pick()), "--out",
@@ -158,19 +201,19 @@ def _prune_stage(cfg: QuickstartConfig, out: Path) -> Stage:
 
 
 def _train_stage(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str, title: str,
-                 tokens: str = "data/train", init: str = "") -> Stage:
+                 tokens: str = "data/train", init: str = "", online: bool = False) -> Stage:
     path = out / "configs" / f"train_{name}.yaml"
-    settings = train_settings(cfg, out, name, loss, cache, tokens, init)
+    settings = train_settings(cfg, out, name, loss, cache, tokens, init, online)
     return Stage(name, f"train {title}, {settings.schedule.steps} steps", ["train", "--config", str(path)],
                  {path: dump_yaml(settings)})
 
 
 def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cache: str,
-                   tokens: str = "data/train", init: str = "") -> TrainConfig:
+                   tokens: str = "data/train", init: str = "", online: bool = False) -> TrainConfig:
     """The train config of one quickstart run (the teacher when name is TEACHER); `loss` its loss section,
     `tokens` its token shards relative to OUT (the teacher-generated ones for the teacher-sampled student),
     `init` the folder under OUT its weights start from (the pruned teacher; its architecture is then the
-    checkpoint's)."""
+    checkpoint's), `online` whether the exported teacher scores it online (teacher.online)."""
     teacher = name == TEACHER
     size, run = (cfg.teacher, cfg.teacher_run) if teacher else (cfg.student, cfg.student_run)
     every = max(1, run.steps // run.evals)
@@ -186,6 +229,7 @@ def train_settings(cfg: QuickstartConfig, out: Path, name: str, loss: dict, cach
                       "num_layers": size.num_layers, "num_heads": size.num_heads})},
         "compute": {"vocab_multiple": 64},
         "loss": loss,
+        **({"teacher": {"online": str(out / "teacher_hf")}} if online else {}),
         "optim": {"lr": run.lr, "min_lr": run.lr / 10, "warmup_steps": run.warmup_steps},
         "schedule": {"steps": run.steps, "micro_batch": run.micro_batch},
         "checkpoint": {"every": every, "keep": 1},

@@ -30,7 +30,8 @@ SMOKE = [f"corpus.train=[{AUSTEN}/northanger_abbey.jsonl.gz]", "corpus.vocab_siz
          "teacher_run.evals=1", "student_run.steps=48", "student_run.lr=0.03", "student_run.micro_batch=4",
          "student_run.warmup_steps=2", "student_run.evals=2",
          "cache.k=8", "cache.draws=8", "eval_batches=2", "teacher_sampled.prompt_len=8", "risks.prompts=4",
-         "risks.prompt_len=8", "risks.max_new_tokens=8"]
+         "risks.prompt_len=8", "risks.max_new_tokens=8", "fdistill.prompt_len=8", "fdistill.max_new_tokens=8",
+         "fdistill.predistill_steps=8"]
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,37 @@ class RisksConfig:
 
 
 @dataclass(frozen=True)
+class FDistillConfig:
+    """The fdistill recipe: f-DISTILL's four students, each along its own prefixes, scored by an online teacher."""
+
+    prompt_len: int = setting(32, "Tokens of each training sample kept as the prompt the teacher or the student "
+                                  "continues.", positive)
+    max_new_tokens: int = setting(32, "Most tokens each continuation has (the loss counts these positions).",
+                                  positive)
+    top_k: int = setting(30, "Teacher and student sample their continuations among their top_k ids at T = 1 (30 "
+                             "as f-DISTILL); 0 = from the whole distribution. The online teacher's targets are "
+                             "dense, so the tail is taught whatever this is.", at_least(0))
+    predistill_steps: int = setting(
+        50, "Steps of word-level forward KL on the corpus before each student's own prefixes and divergence "
+            "(f-DISTILL's pre-distillation; loss.phases): a random student's samples are noise a teacher cannot "
+            "teach much along.", at_least(0))
+    js_beta: float = setting(
+        0.15, "loss.beta of the js student: M = βp + (1−β)q and β·KL(p‖M) + (1−β)·KL(q‖M), so 0.15 weighs the "
+              "student's term by 0.85, as f-DISTILL's released code does.", in_range(0, 1, low_open=True,
+                                                                                    high_open=True))
+
+
+@dataclass(frozen=True)
 class QuickstartConfig:
     """`distill quickstart`: tokenizer, token shards, a teacher, its caches, then one student per loss, compared."""
 
     seed: int = setting(1234, "Seed of everything; every student starts from the same weights and reads the same "
                               "samples in the same order.", at_least(0))
+    recipe: Literal["compare", "fdistill"] = setting(
+        "compare", "compare: one student per loss from the teacher's caches (corpus prefixes), plus the sampled, "
+                   "pruned and teacher-sampled students. fdistill: f-DISTILL's sequence-level students with an "
+                   "online teacher: kl on the teacher's samples, rkl on the student's own, js and tvd on half of "
+                   "each (settings in `fdistill`), against the CE baseline.")
     corpus: CorpusConfig = section(CorpusConfig, "The text and its tokenization.")
     teacher: TeacherSizeConfig = section(TeacherSizeConfig, "The teacher's size.")
     teacher_run: TeacherRunConfig = section(TeacherRunConfig, "The teacher's training (labels only).")
@@ -159,4 +186,5 @@ class QuickstartConfig:
                                  "ranked on 64 training samples) and then learns like the kl student.")
     teacher_sampled: TeacherSampledConfig = section(TeacherSampledConfig, "The student on the teacher's own samples.")
     risks: RisksConfig = section(RisksConfig, "Likelihood and coverage risks of every student.")
+    fdistill: FDistillConfig = section(FDistillConfig, "The fdistill recipe's students.")
     eval_batches: int = setting(16, "Held-out micro-batches per evaluation.", positive)
