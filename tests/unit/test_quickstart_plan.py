@@ -82,6 +82,33 @@ def test_kl_warmup_goes_to_the_bounded_and_reverse_students_only(tmp_path):
     assert all(run.kl_warmup_steps == 0 for run in student_runs(_config("kl_warmup_steps=0")))
 
 
+def test_fdistill_recipe_trains_each_divergence_along_its_own_prefixes_with_the_teacher_online(tmp_path):
+    stages = build_plan(_config("recipe=fdistill", "fdistill.predistill_steps=9", "fdistill.prompt_len=12"), tmp_path)
+    assert [s.name for s in stages] == ["tokenizer", "shards_train", "shards_heldout", "teacher", "teacher_export",
+                                        "cache_heldout_topk", "ce", "fd_kl", "fd_rkl", "fd_js", "fd_tvd",
+                                        "student_export"]
+    configs = {s.name: _read_config(TrainConfig, s) for s in stages if s.command()[3] == "train"}
+    ce = configs["ce"]
+    assert ce.teacher.online == "" and ce.loss.divergence == "ce" and ce.data.teacher_cache == ""
+    sources = {}
+    for name in ("fd_kl", "fd_rkl", "fd_js", "fd_tvd"):
+        cfg = configs[name]
+        assert cfg.teacher.online.endswith("teacher_hf") and cfg.data.teacher_cache == ""
+        assert cfg.loss.divergence == name[3:] and cfg.loss.prefixes.prompt_len == 12
+        assert [(p.steps, p.divergence, p.prefixes.generates) for p in cfg.loss.phases] == [(9, "kl", False)]
+        for part in ("model", "schedule", "optim", "eval", "compute", "seed"):
+            assert getattr(cfg, part) == getattr(ce, part), (name, part)
+        sources[name] = cfg.loss.prefixes.fractions()
+    assert sources == {"fd_kl": {"data": 0.0, "teacher": 1.0, "student": 0.0},
+                       "fd_rkl": {"data": 0.0, "teacher": 0.0, "student": 1.0},
+                       "fd_js": {"data": 0.0, "teacher": 0.5, "student": 0.5},
+                       "fd_tvd": {"data": 0.0, "teacher": 0.5, "student": 0.5}}
+    assert configs["fd_js"].loss.beta == 0.15 and configs["fd_tvd"].loss.beta == ce.loss.beta
+    assert [p.steps for p in _read_config(TrainConfig, next(
+        s for s in build_plan(_config("recipe=fdistill", "fdistill.predistill_steps=0"), tmp_path / "b")
+        if s.name == "fd_rkl")).loss.phases] == []
+
+
 def test_cache_configs_follow_the_quickstart_config(tmp_path):
     stages = build_plan(_config("cache.k=8", "cache.draws=20"), tmp_path)
     caches = {s.name: _read_config(CacheConfig, s) for s in stages if s.command()[3] == "cache"}
