@@ -192,7 +192,8 @@ def measure(args: argparse.Namespace, data: dict, base: Path) -> dict:
 def label(args: argparse.Namespace, mode: str) -> str:
     return {"ce": "CE only (hard labels)", "topk": f"KD top-K K={args.k}, forward KL, tail",
             "sampled": f"KD sampled N={args.draws}, forward KL", "online": "KD online teacher, dense forward KL",
-            "onpolicy": f"on-policy RKL: student continues {args.prompt_len}-token prompts by ≤ {args.new_tokens}"}[mode]
+            "onpolicy": f"on-policy RKL: student continues {args.prompt_len}-token prompts by ≤ "
+                        f"{args.new_tokens}"}[mode]
 
 
 def print_table(args: argparse.Namespace, results: dict, data: dict) -> None:

@@ -44,7 +44,8 @@ def test_tp2_matches_tp1(tmp_path):
     reference = checkpoint_state(tmp_path / "tp1")[key]
     for tp_rank in (0, 1):
         assert (checkpoint_state(tmp_path / "tp2", tp_rank)[key] - reference).abs().max() <= 1e-4, tp_rank
-    want, have = final_weights(tmp_path / "tp1", tmp_path / "tp1_hf"), final_weights(tmp_path / "tp2", tmp_path / "tp2_hf")
+    want = final_weights(tmp_path / "tp1", tmp_path / "tp1_hf")
+    have = final_weights(tmp_path / "tp2", tmp_path / "tp2_hf")
     assert have.keys() == want.keys()
     for name, tensor in want.items():
         diff = (have[name] - tensor).abs()

@@ -168,7 +168,8 @@ def test_map_is_seeded_and_only_when_widths_differ(ctx, models):
     assert not torch.equal(initial_map([64, 32], cfg.seed), initial_map([64, 32], cfg.seed + 1))
     assert 0.8 < float(weight.std() * 32 ** 0.5) < 1.2  # std 1/√H_s: a state keeps its norm on average
     assert map_shape(_cfg(root, **{"teacher.hidden_weight": 0.0})) is None
-    same_width = train_config([f"run_dir={root / 'run'}", f"data.tokens={root}", "model.vocab_size=300", "model.hidden_size=64",
+    same_width = train_config([f"run_dir={root / 'run'}", f"data.tokens={root}", "model.vocab_size=300",
+                               "model.hidden_size=64",
                                f"teacher.online={root / 'teacher'}", "teacher.hidden_weight=1"])
     assert map_shape(same_width) is None
 
