@@ -10,16 +10,26 @@ a world of one, gloo) with `python -m pipeline train` in a fresh process per con
 
 - **ce**: `loss.divergence=ce`, no teacher cache (the baseline);
 - **topk**: `loss.divergence=kl`, `loss.target_mode=tail`, the top-K cache joined as sidecar;
-- **sampled**: `loss.divergence=kl`, the sampled cache.
+- **sampled**: `loss.divergence=kl`, the sampled cache;
+- **online**: `loss.divergence=kl` against `teacher.online` (the same teacher run beside the student: dense
+  targets on the corpus prefixes);
+- **onpolicy**: `loss.divergence=rkl` with `loss.prefixes.student=1`: every row's first `--prompt-len` tokens
+  continued by the student (up to `--new-tokens`) before the step, and scored by the online teacher.
 
 Everything else is the same: seed, data, micro-batch, `data.num_workers` (default 1, as in
 configs/student_kd.yaml), no checkpoints, no eval, no TensorBoard, no console lines. Each run's
-`metrics.jsonl` gives per step `perf/step_time_s` (data wait + teacher-target decode + forward, loss,
-backward, optimizer step) and `perf/data_wait_fraction`; the first `--warmup` steps are dropped. Step time is
-the median over the remaining steps; tokens/s = micro_batch × seq_len ÷ that median; the data-wait fraction
-is Σ wait ÷ Σ step time over the same steps. The set of runs repeats `--rounds` times, interleaved
+`metrics.jsonl` gives per step `perf/step_time_s` (data wait + teacher-target decode or teacher forward +
+generation + forward, loss, backward, optimizer step), `perf/data_wait_fraction`, and for the online runs
+`perf/teacher_s` (teacher forwards) and `perf/generate_student_s` (the student's decoding); the first
+`--warmup` steps are dropped. Step time is the median over the remaining steps; tokens/s = the median
+counted tokens of a step (every position; on-policy, the generated ones) ÷ that median; the data-wait
+fraction is Σ wait ÷ Σ step time over the same steps. The set of runs repeats `--rounds` times, interleaved
 (ce, topk, sampled, ce, ...), and each row keeps its fastest round (by median step time); the spread column
-is slowest ÷ fastest round. Ratio = step time ÷ CE's step time. Target for topk: ≤ 1.1.
+is slowest ÷ fastest round. Ratio = step time ÷ CE's step time. Target for topk: ≤ 1.1. The online row
+is also compared with its floor, CE's step time + the median teacher forward (`perf/teacher_s`) of the same
+online run (target ≤ 1.1: dense KD should cost little beyond running the teacher), and the on-policy step is
+split into generation, teacher scoring and the student's own step (the rest, data wait excluded). The teacher
+is `--teacher-hidden`/`--teacher-layers` (default small, so its forward is mostly the V-wide output layer).
 
 `--breakdown` adds, in this process with the same thread count, what the distillation path adds to a step:
 the teacher-target decode of one micro-batch (`CacheTargets.targets`, which runs in the training process) and
@@ -30,6 +40,7 @@ the peaked teacher); one small student on CPU, where the student's own matmuls a
 so the loss and decode weigh more here than there; process start, DeepSpeed set-up and the end checkpoint
 are outside `perf/step_time_s`.
 Run: .venv/bin/python benchmarks/train.py [--steps 20 --warmup 4] [--hidden 512 --layers 4] [--modes ce topk]
+     .venv/bin/python benchmarks/train.py --modes ce online onpolicy   # the online teacher's rows
 """
 from __future__ import annotations
 
@@ -52,7 +63,8 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  #
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = ("ce", "topk", "sampled")
+MODES = ("ce", "topk", "sampled", "online", "onpolicy")
+CACHE_MODES = ("topk", "sampled")
 
 
 # --- data: token shards, a teacher, its caches ----------------------------------------------------------------
@@ -73,9 +85,9 @@ def make_data(args: argparse.Namespace, base: Path) -> dict:
     per_shard = math.ceil(samples / args.shards)
     make_token_shards(base / "tokens", [per_shard] * args.shards, seq_len=args.seq_len, vocab_size=args.vocab,
                       seed=args.seed)
-    out: dict = {"tokens": base / "tokens", "summaries": {}}
-    needed = [m for m in args.modes if m != "ce"]
-    if needed:
+    out: dict = {"tokens": base / "tokens", "teacher": base / "teacher", "summaries": {}}
+    needed = [m for m in args.modes if m in CACHE_MODES]
+    if any(m != "ce" for m in args.modes):
         teacher = argparse.Namespace(hidden=args.teacher_hidden, layers=args.teacher_layers, heads=4, kv_heads=2,
                                      intermediate=2 * args.teacher_hidden, vocab=args.vocab, seq_len=args.seq_len,
                                      seed=args.seed)
@@ -107,6 +119,12 @@ def overrides(args: argparse.Namespace, data: dict, mode: str, run_dir: Path) ->
            "log.tensorboard=false", "log.progress=false"]
     if mode == "ce":
         return out + ["loss.divergence=ce"]
+    if mode == "online":
+        return out + [f"teacher.online={data['teacher']}", "loss.divergence=kl"]
+    if mode == "onpolicy":
+        return out + [f"teacher.online={data['teacher']}", "loss.divergence=rkl", "loss.prefixes.student=1",
+                      f"loss.prefixes.prompt_len={args.prompt_len}",
+                      f"loss.prefixes.sampling.max_new_tokens={args.new_tokens}"]
     return out + [f"data.teacher_cache={data[mode]}", "loss.divergence=kl", "loss.target_mode=tail"]
 
 
@@ -132,27 +150,38 @@ def train_once(args: argparse.Namespace, data: dict, mode: str, run_dir: Path) -
     return [r for r in rows if r.get("kind") == "train"]
 
 
-def summarise(rows: list[dict], warmup: int, tokens_per_step: int) -> dict:
+PARTS = {"teacher_s": "perf/teacher_s", "generate_s": "perf/generate_student_s",
+         "generated_tokens": "data/generated_student_tokens"}
+"""Per-step figures an online run logs besides the step time, by summary key (the median is kept)."""
+
+
+def summarise(rows: list[dict], warmup: int) -> dict:
     kept = [r for r in rows if r["step"] > warmup]
     if not kept:
         raise RuntimeError(f"no steps after the {warmup} warm-up steps; raise --steps")
     times = [r["perf/step_time_s"] for r in kept]
     waits = [r["perf/data_wait_fraction"] * r["perf/step_time_s"] for r in kept]
     median = statistics.median(times)
-    return {"steps": len(kept), "median_s": median, "min_s": min(times), "tokens_per_s": tokens_per_step / median,
-            "wait_fraction": sum(waits) / sum(times),
-            "loss_last": kept[-1].get("train/loss", float("nan"))}
+    tokens = statistics.median(r["perf/tokens_per_s"] * r["perf/step_time_s"] for r in kept)  # counted per step
+    out = {"steps": len(kept), "median_s": median, "min_s": min(times), "tokens_per_s": tokens / median,
+           "wait_fraction": sum(waits) / sum(times), "loss_last": kept[-1].get("train/loss", float("nan"))}
+    for key, tag in PARTS.items():
+        if tag in kept[0]:
+            out[key] = statistics.median(r[tag] for r in kept)
+    if "generate_s" in out:  # the student's own step: what is left of each step after data, generation, teacher
+        out["student_s"] = statistics.median(r["perf/step_time_s"] * (1 - r["perf/data_wait_fraction"])
+                                             - r["perf/generate_student_s"] - r["perf/teacher_s"] for r in kept)
+    return out
 
 
 def measure(args: argparse.Namespace, data: dict, base: Path) -> dict:
     """{mode: [summary per round]}."""
     results: dict = {mode: [] for mode in args.modes}
-    tokens_per_step = args.micro_batch * args.seq_len
     for round_index in range(args.rounds):
         for mode in args.modes:
             started, load = time.perf_counter(), os.getloadavg()[0]
             rows = train_once(args, data, mode, base / f"run-{mode}-{round_index}")
-            results[mode].append(summarise(rows, args.warmup, tokens_per_step))
+            results[mode].append(summarise(rows, args.warmup))
             s = results[mode][-1]
             print(f"  round {round_index + 1}/{args.rounds} {mode}: median {s['median_s']:.3f} s/step, fastest "
                   f"{s['min_s']:.3f}, wait {100 * s['wait_fraction']:.1f}%, loss {s['loss_last']:.3f} "
@@ -162,7 +191,9 @@ def measure(args: argparse.Namespace, data: dict, base: Path) -> dict:
 
 def label(args: argparse.Namespace, mode: str) -> str:
     return {"ce": "CE only (hard labels)", "topk": f"KD top-K K={args.k}, forward KL, tail",
-            "sampled": f"KD sampled N={args.draws}, forward KL"}[mode]
+            "sampled": f"KD sampled N={args.draws}, forward KL", "online": "KD online teacher, dense forward KL",
+            "onpolicy": f"on-policy RKL: student continues {args.prompt_len}-token prompts by ≤ "
+                        f"{args.new_tokens}"}[mode]
 
 
 def print_table(args: argparse.Namespace, results: dict, data: dict) -> None:
@@ -184,12 +215,44 @@ def print_table(args: argparse.Namespace, results: dict, data: dict) -> None:
     for mode in args.modes:
         s, rounds = best[mode], results[mode]
         ratio = s["median_s"] / base["median_s"] if base else float("nan")
-        verdict = "-" if mode == "ce" or base is None else ("met" if ratio <= 1.1 else "NOT met")
+        verdict = "-" if mode not in CACHE_MODES or base is None else ("met" if ratio <= 1.1 else "NOT met")
         spread = max(r["median_s"] for r in rounds) / s["median_s"]
         quick = fastest[mode] / fastest["ce"] if base else float("nan")
         print(f"| {label(args, mode)} | {s['median_s']:.3f} | {s['tokens_per_s']:,.0f} | "
               f"{'-' if base is None else f'{ratio:.2f}'} | {s['wait_fraction']:.3f} | {spread:.2f} | "
               f"{fastest[mode]:.3f} | {'-' if base is None else f'{quick:.2f}'} | {verdict} |")
+    print()
+    if "online" in best and base is not None:
+        print_online(best["online"], base)
+    if "onpolicy" in best:
+        print_onpolicy(args, best["onpolicy"])
+
+
+def print_online(online: dict, ce: dict) -> None:
+    """Online dense KD against its floor: a CE step plus the teacher forward the same run measured."""
+    floor = ce["median_s"] + online["teacher_s"]
+    ratio = online["median_s"] / floor
+    print("### Online dense KD against a CE step plus one teacher forward\n")
+    print("| run | step s (median) | teacher forward s (perf/teacher_s) | CE step + teacher forward s | ratio | "
+          "target ≤ 1.1 |")
+    print("|---|---|---|---|---|---|")
+    print(f"| KD online teacher, dense forward KL | {online['median_s']:.3f} | {online['teacher_s']:.3f} | "
+          f"{floor:.3f} | {ratio:.2f} | {'met' if ratio <= 1.1 else 'NOT met'} |")
+    print()
+
+
+def print_onpolicy(args: argparse.Namespace, onpolicy: dict) -> None:
+    """The on-policy step split into the student's generation, the teacher's scoring and the student's step."""
+    step = onpolicy["median_s"]
+    print(f"### On-policy step, split (every row continued by the student: prompt {args.prompt_len} tokens, "
+          f"median {onpolicy['generated_tokens']:.0f} generated tokens per step)\n")
+    print("| part | s (median) | share of the step |")
+    print("|---|---|---|")
+    for name, key in (("generation by the student (perf/generate_student_s)", "generate_s"),
+                      ("teacher scoring (perf/teacher_s)", "teacher_s"),
+                      ("the student's step (forward, loss, backward, optimizer: the rest)", "student_s")):
+        print(f"| {name} | {onpolicy[key]:.3f} | {onpolicy[key] / step:.2f} |")
+    print(f"| whole step (perf/step_time_s) | {step:.3f} | 1.00 |")
     print()
 
 
@@ -228,7 +291,7 @@ def breakdown(args: argparse.Namespace, data: dict) -> None:
         out.loss.backward()
 
     parts = [("CE loss fwd+bwd (hard labels)", lambda: loss_step(None))]
-    for mode in [m for m in args.modes if m != "ce"]:
+    for mode in [m for m in args.modes if m in CACHE_MODES]:
         source = Source(str(data["tokens"]), sidecars={TEACHER: str(data[mode])})
         dataset = TokenShardDataset(source, micro_batch=args.micro_batch, dp_rank=0, dp_size=1, seed=args.seed,
                                     shuffle=False)
@@ -275,11 +338,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     student.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
     student.add_argument("--micro-batch", type=int, default=4, help="samples per step")
     student.add_argument("--num-workers", type=int, default=1, help="data.num_workers (reader processes)")
-    teacher = parser.add_argument_group("teacher cache")
+    student.add_argument("--prompt-len", type=int, default=32, help="onpolicy: prompt tokens of each row")
+    student.add_argument("--new-tokens", type=int, default=64, help="onpolicy: most tokens the student generates")
+    teacher = parser.add_argument_group("teacher (its caches, and the online teacher)")
     teacher.add_argument("--k", type=int, default=32, help="top-K of the topk cache")
     teacher.add_argument("--draws", type=int, default=50, help="N draws of the sampled cache")
     teacher.add_argument("--shards", type=int, default=4, help="token shards (samples: steps × micro-batch)")
-    teacher.add_argument("--teacher-hidden", type=int, default=128, help="teacher hidden size (only its cache is used)")
+    teacher.add_argument("--teacher-hidden", type=int, default=128, help="teacher hidden size")
     teacher.add_argument("--teacher-layers", type=int, default=2, help="teacher decoder layers")
     teacher.add_argument("--lm-head-std", type=float, default=0.5,
                          help="std of the teacher's output layer (peaked distributions, as a trained model's)")
@@ -298,8 +363,10 @@ def main(argv=None) -> None:
     from importlib.metadata import version
 
     import transformers
+    from benchmarks.generate import cpu_model
     transformers.utils.logging.disable_progress_bar()
-    print(f"torch {torch.__version__}, deepspeed {version('deepspeed')}, transformers {transformers.__version__}; "
+    print(f"{cpu_model()}; torch {torch.__version__}, deepspeed {version('deepspeed')}, transformers "
+          f"{transformers.__version__}; "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f} at start\n")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -17,7 +17,8 @@ sequence's, a position its mask sets; its prompt does not count), and the step's
 the counted tokens of all its micro-batches and DP ranks: DeepSpeed averages the micro-batch losses (each
 a mean over its own counted tokens) with equal weights, so each loss is scaled by its share, count × G ×
 dp / total, before backward. When every micro-batch counts as many tokens, every share is exactly 1 and
-nothing is scaled.
+nothing is scaled. With teacher.hidden_weight, each micro-batch's loss also takes the intermediate-state
+loss of `pipeline/online/hidden.py` (whose learned map, when widths differ, is built into the student here).
 
 Design choice: the loss parts and metrics are summed on the device and all-reduced once per step
 over the DP group (one small collective), never per micro-batch; the cost is that a console line
@@ -26,6 +27,7 @@ more scalar all-reduce per step, before the first forward.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -38,6 +40,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.dataset import loss_positions
 from pipeline.losses import distill_loss
 from pipeline.model.builder import build_model, compute_dtype
+from pipeline.online.hidden import attach_map, hidden_loss_for
 from pipeline.parallel import ParallelContext
 from pipeline.train.deepspeed_config import deepspeed_config, lr_scheduler_factory
 from pipeline.train.init_from import fill_from_init
@@ -67,6 +70,7 @@ def build_engine(cfg: TrainConfig, ctx: ParallelContext, *, init: str = ""):
         model = build_model(cfg.model.architecture_config(), cfg.compute, ctx, initialize=not init, seed=cfg.seed)
         if init:
             fill_from_init(model, init, ctx.tp_size, ctx.tp_rank)
+        attach_map(model, cfg)  # the intermediate-state loss's learned map, when widths differ (hidden.py)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, mpu=ctx, dist_init_required=False,
                                            lr_scheduler=lr_scheduler_factory(cfg))
     return engine, ds_config
@@ -94,6 +98,8 @@ class StudentStep:
         self.loss_kwargs = self.kwargs_for(cfg.loss.divergence)
         self.warmup_kwargs = self.kwargs_for("kl")  # loss.kl_warmup_steps: forward KL first
         self.times: dict = {}
+        self.hidden = hidden_loss_for(cfg, engine, targets)  # teacher.hidden_weight: None when 0
+        self.parts = PARTS + (("hidden_loss",) if self.hidden is not None else ())
 
     def kwargs_for(self, divergence: str) -> dict:
         params = dataclasses.replace(self.cfg.loss, divergence=divergence, kl_warmup_steps=0, phases=[])
@@ -138,23 +144,25 @@ class StudentStep:
         """One optimizer step on `micro_batches` at optimizer step `step` (0-based; default the engine's)."""
         step = self.engine.global_steps if step is None else step
         micro_batches = self.prepare(micro_batches, step)
-        sums = torch.zeros(len(PARTS) + 1, dtype=torch.float64, device=self.ctx.device)
+        sums = torch.zeros(len(self.parts) + 1, dtype=torch.float64, device=self.ctx.device)
         skipped_before, lr = self.engine.skipped_steps, self.engine.get_lr()[0]
         shares, loss_kwargs = self._token_shares(micro_batches), self.step_loss_kwargs(step)
         for batch, share in zip(micro_batches, shares):
-            logits, labels, mask, teacher = self.forward(batch)
+            with self.hidden.recording() if self.hidden is not None else contextlib.nullcontext():
+                logits, labels, mask, teacher = self.forward(batch)
             out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **loss_kwargs)
+            out = out if self.hidden is None else self.hidden.add_to(out, mask)
             self.engine.backward(out.loss if share == 1.0 else out.loss * share)
             self.engine.step()
             count = out.num_tokens
-            parts = (out.loss.detach(), out.kd, out.ce, out.metrics["top1_agreement"])
+            parts = (out.loss.detach(), out.kd, out.ce, *(out.metrics[name] for name in self.parts[3:]))
             sums += torch.stack([torch.as_tensor(p, dtype=torch.float64, device=sums.device) * count
                                  for p in parts] + [torch.tensor(float(count), dtype=torch.float64,
                                                                  device=sums.device)])
         if self.ctx.dp_size > 1:
             dist.all_reduce(sums, group=self.ctx.dp_group)
         total = float(sums[-1])
-        values = {name: float(sums[i]) / max(total, 1.0) for i, name in enumerate(PARTS)}
+        values = {name: float(sums[i]) / max(total, 1.0) for i, name in enumerate(self.parts)}
         norm = self.engine.get_global_grad_norm()
         return StepResult(values, int(total), self.engine.skipped_steps > skipped_before,
                           float("nan") if norm is None else float(norm), lr)

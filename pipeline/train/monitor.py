@@ -50,7 +50,7 @@ def format_train_line(step: int, total_steps: int, scalars: dict[str, float], et
     parts = [f"step {step:>{width}}/{total_steps}"]
     if "train/loss" in scalars:
         loss = f"loss {scalars['train/loss']:.3f}"
-        terms = [f"{name} {scalars[f'train/{name}_loss']:.3f}" for name in ("kd", "ce")
+        terms = [f"{name} {scalars[f'train/{name}_loss']:.3f}" for name in ("kd", "ce", "hidden")
                  if f"train/{name}_loss" in scalars]
         parts.append(loss + (f" ({' '.join(terms)})" if terms else ""))
     if "train/top1_agreement" in scalars:

@@ -139,6 +139,8 @@ def prefix_sampler(cfg: TrainConfig, ctx: ParallelContext, teacher):
 
 def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dict:
     """What a checkpoint must share with the run that resumes it (JSON-plain, compared key by key)."""
+    from pipeline.online.hidden import map_shape
+
     tokens = ShardSet(cfg.data.tokens)
     identity = {
         "model": config_to_dict(cfg.model.architecture_config()),  # not model.init: a resumed run ignores it
@@ -148,6 +150,7 @@ def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dic
         "data": stream.datasets[0].fingerprint,
         "teacher_cache": ShardSet(cfg.data.teacher_cache).fingerprint() if cfg.data.teacher_cache else None,
         "teacher_online": cfg.teacher.online or None,
+        "hidden_map": map_shape(cfg),  # a checkpoint holds the intermediate-state loss's map, or none
         "loss": config_to_dict(cfg.loss),
         "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size},
         "batch": {"micro_batch": cfg.schedule.micro_batch, "grad_accumulation": cfg.schedule.grad_accumulation},

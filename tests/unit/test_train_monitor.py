@@ -103,6 +103,8 @@ def test_train_line_format():
         "step  120/1000 | loss 3.412 (kd 3.201 ce 0.000) | top1 0.412 | lr 2.9e-04 | 12,345 tok/s | wait 3% "
         "| ETA 0:14:02")
     assert format_train_line(7, 10, {"train/skipped_steps": 2.0}, None) == "step  7/10 | skipped 2 | ETA ?"
+    hidden = {"train/loss": 2.5, "train/kd_loss": 1.0, "train/ce_loss": 0.0, "train/hidden_loss": 3.0}
+    assert format_train_line(1, 10, hidden, None) == "step  1/10 | loss 2.500 (kd 1.000 ce 0.000 hidden 3.000) | ETA ?"
 
 
 def test_durations_and_eta():
