@@ -13,8 +13,9 @@ points `latest` at the folder and deletes all but the newest `keep`. A crash at 
 
 Design choice: `latest` is ours, not DeepSpeed's (saved with save_latest=False), because DeepSpeed's is
 written before our per-rank files exist. Resuming checks the saved identity (model, tokenizer, data,
-teacher cache, layout, batch shape, seed) against the new run's and refuses any difference by name;
-settings that may change between attempts (steps, lr, logging, eval) are not part of it. The cost:
+teacher cache, loss, micro-batch and global batch, seed) against the new run's and refuses any difference
+by name; settings that may change between attempts (steps, lr, logging, eval, and the layout: dp, tp and
+grad_accumulation, resharded by reshard.py) are not part of it. The cost:
 each checkpoint holds fp32 master weights and Adam moments (12 bytes per parameter, spread over ranks).
 """
 from __future__ import annotations
@@ -61,8 +62,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def upgraded_identity(saved: dict) -> dict:
+    """An identity as run_identity writes it now: older checkpoints held the layout and grad_accumulation
+    instead of the global batch."""
+    if "layout" not in saved:
+        return saved
+    batch, dp = saved.get("batch", {}), saved["layout"].get("dp", 1)
+    saved = {key: value for key, value in saved.items() if key != "layout"}
+    if "grad_accumulation" in batch:
+        micro = batch.get("micro_batch")
+        saved["batch"] = {"micro_batch": micro, "global_batch": micro * batch["grad_accumulation"] * dp}
+    return saved
+
+
 def identity_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved X, now Y' for every identity entry that differs."""
+    saved = upgraded_identity(saved)
     keys = sorted(set(saved) | set(current))
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
             for key in keys if saved.get(key) != current.get(key)]
