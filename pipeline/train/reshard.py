@@ -134,7 +134,7 @@ def _shard_shapes(universal: Path) -> dict[str, torch.Size]:
     return {name: torch.Size(shape) for group in state["param_shapes"] for name, shape in group.items()}
 
 
-def _read_state(path: Path) -> torch.Tensor:
+def read_state(path: Path) -> torch.Tensor:
     value = torch.load(path, map_location="cpu", weights_only=False)
     return value["param"] if isinstance(value, dict) else value
 
@@ -149,7 +149,7 @@ def _retile(old: list[Path], new: list[Path], model: ModelConfig, vocab_multiple
         shutil.copy2(old[0] / "zero" / "optimizer_state.pt", folder / "zero" / "optimizer_state.pt")
     for rule in tensor_rules(model):
         for state in STATES:
-            shards = [_read_state(folder / "zero" / rule.megatron / f"{state}.pt").view(shapes[rule.megatron])
+            shards = [read_state(folder / "zero" / rule.megatron / f"{state}.pt").view(shapes[rule.megatron])
                       for folder, shapes in zip(old, old_shapes)]
             full = hf_from_shards(rule, shards, model)
 
