@@ -6,8 +6,9 @@
 
 Design choice: everything a restart needs is in the checkpoint (weights, optimizer, schedule, data
 cursors, RNG, counters), and a restart is the same command, so a job killed at any moment and started
-again continues from `latest` with nothing seen twice or skipped; the cost is that work since the last
-checkpoint is redone (checkpoint.every bounds it).
+again continues from `latest` with nothing seen twice or skipped, on the same or another layout (tp, dp:
+reshard.py, with grad_accumulation adjusted to keep the global batch); the cost is that work since the
+last checkpoint is redone (checkpoint.every bounds it).
 """
 from __future__ import annotations
 
