@@ -10,11 +10,13 @@ Layout under run_dir/checkpoints:
 Order of a save: every rank writes and fsyncs its own files, a barrier, then rank 0 writes run.json,
 points `latest` at the folder and deletes all but the newest `keep`. A crash at any moment leaves
 `latest` at a complete checkpoint; folders newer than `latest` are leftovers and are removed at start.
+A checkpoint of another layout (tp, dp) is resharded by reshard.py when it is loaded.
 
 Design choice: `latest` is ours, not DeepSpeed's (saved with save_latest=False), because DeepSpeed's is
 written before our per-rank files exist. Resuming checks the saved identity (model, tokenizer, data,
-teacher cache, layout, batch shape, seed) against the new run's and refuses any difference by name;
-settings that may change between attempts (steps, lr, logging, eval) are not part of it. The cost:
+teacher cache, loss, micro-batch and global batch, seed) against the new run's and refuses any difference
+by name; settings that may change between attempts (steps, lr, logging, eval, and the layout: dp, tp and
+grad_accumulation, resharded by reshard.py) are not part of it. The cost:
 each checkpoint holds fp32 master weights and Adam moments (12 bytes per parameter, spread over ranks).
 """
 from __future__ import annotations
@@ -61,8 +63,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def upgraded_identity(saved: dict) -> dict:
+    """An identity as run_identity writes it now: older checkpoints held the layout and grad_accumulation
+    instead of the global batch."""
+    if "layout" not in saved:
+        return saved
+    batch, dp = saved.get("batch", {}), saved["layout"].get("dp", 1)
+    saved = {key: value for key, value in saved.items() if key != "layout"}
+    if "grad_accumulation" in batch:
+        micro = batch.get("micro_batch")
+        saved["batch"] = {"micro_batch": micro, "global_batch": micro * batch["grad_accumulation"] * dp}
+    return saved
+
+
 def identity_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved X, now Y' for every identity entry that differs."""
+    saved = upgraded_identity(saved)
     keys = sorted(set(saved) | set(current))
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
             for key in keys if saved.get(key) != current.get(key)]
@@ -96,13 +112,16 @@ class CheckpointStore:
                              "Differences: " + "; ".join(differ) + ". Use a new run_dir, or restore the settings.")
 
     def sweep_incomplete(self) -> None:
-        """Rank 0 removes checkpoint folders newer than `latest` (a save that did not finish)."""
+        """Rank 0 removes checkpoint folders newer than `latest` (a save that did not finish) and the leftovers
+        of a resume on another layout that did not finish (reshard.py's `.reshard-*` folders)."""
         if self.ctx.rank == 0 and self.root.is_dir():
             latest = self.latest()
             newest = -1 if latest is None else step_of(latest)
             for folder in self._tags():
                 if step_of(folder.name) > newest:
                     shutil.rmtree(folder)
+            for folder in self.root.glob(".reshard-*"):
+                shutil.rmtree(folder)
         self._barrier()
 
     def save(self, engine, step: int, record: dict, rank_state: dict, *, keep: int) -> str:
@@ -126,7 +145,7 @@ class CheckpointStore:
         """Load `tag` into `engine` (collective) and return this rank's trainer state."""
         own = self.root / tag / TRAINER_DIR / f"rank_{self.ctx.rank:05d}.pt"
         if not own.is_file():
-            raise TrainError(f"{own} is missing: {tag} was saved by another layout or is damaged")
+            raise TrainError(f"{own} is missing: {tag} is damaged (a save that did not finish on every rank)")
         path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:

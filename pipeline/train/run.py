@@ -6,8 +6,9 @@
 
 Design choice: everything a restart needs is in the checkpoint (weights, optimizer, schedule, data
 cursors, RNG, counters), and a restart is the same command, so a job killed at any moment and started
-again continues from `latest` with nothing seen twice or skipped; the cost is that work since the last
-checkpoint is redone (checkpoint.every bounds it).
+again continues from `latest` with nothing seen twice or skipped, on the same or another layout (tp, dp:
+reshard.py, with grad_accumulation adjusted to keep the global batch); the cost is that work since the
+last checkpoint is redone (checkpoint.every bounds it).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 
 from pipeline.config import TrainConfig, config_to_dict, dump_yaml
 from pipeline.parallel import ParallelContext
-from pipeline.train.checkpoints import CheckpointStore, rng_state, set_rng_state
+from pipeline.train import reshard
+from pipeline.train.checkpoints import TRAINER_DIR, CheckpointStore, rng_state, set_rng_state, step_of
 from pipeline.train.engine import StudentStep, build_engine
 from pipeline.train.errors import TrainError
 from pipeline.train.evaluate import Evaluator
@@ -49,11 +51,16 @@ class TrainingRun:
     def __init__(self, cfg: TrainConfig, ctx: ParallelContext):
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.run_dir)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", ctx)
+        self.resume_tag, self.record, self.notes = self._latest(), None, []
+        if self.resume_tag is not None:
+            self.record = self.store.run_record(self.resume_tag)
+            self.cfg = cfg = self._resume_batch(cfg)
         self.stream = TrainStream(cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
         self.teacher = open_teacher(cfg, ctx)
         self.identity = run_identity(cfg, ctx, self.stream, self.teacher)
-        self.store = CheckpointStore(self.run_dir / "checkpoints", ctx)
-        self.resume_tag = self._checked_latest()  # before building anything: a foreign checkpoint fails fast
+        if self.resume_tag is not None:  # before building anything: a foreign checkpoint fails fast
+            self.store.check_identity(self.resume_tag, self.identity)
         self.step, self.nonfinite, self.consumed_tokens = 0, 0, 0
         self.evaluator = Evaluator(cfg, ctx) if cfg.data.eval_tokens else None
         init = cfg.model.init if self.resume_tag is None else ""
@@ -69,6 +76,8 @@ class TrainingRun:
                                config_text=dump_yaml(self.cfg))
         try:
             self.monitor.message(f"{'resumed from ' + resumed if resumed else 'started'}: {self.ctx.describe()}")
+            for note in self.notes:
+                self.monitor.message(note)
             if self.cfg.model.init:
                 self.monitor.message(f"model.init={self.cfg.model.init} ignored: resuming from the run's own "
                                      f"checkpoint" if resumed else f"initialised from model.init={self.cfg.model.init}")
@@ -92,7 +101,8 @@ class TrainingRun:
                     return REQUEUE_EXIT_CODE
                 if self.step < cfg.schedule.steps and self._due(cfg.checkpoint.every):
                     self._save("every")
-        self._save("end")
+        if self.resume_tag is None or self.step > step_of(self.resume_tag):  # else latest holds it (any layout)
+            self._save("end")
         return 0
 
     def _due(self, every: int) -> bool:
@@ -145,18 +155,30 @@ class TrainingRun:
         tag = self.store.save(self.engine, self.step, record, self._rank_state(), keep=self.cfg.checkpoint.keep)
         self.monitor.message(f"saved checkpoint {tag} ({reason})")
 
-    def _checked_latest(self) -> str | None:
+    def _latest(self) -> str | None:
         self.store.sweep_incomplete()
-        tag = self.store.latest()
-        if tag is not None:
-            self.store.check_identity(tag, self.identity)
-        return tag
+        return self.store.latest()
+
+    def _resume_batch(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with the grad_accumulation that keeps the checkpoint's global batch at this run's dp."""
+        g = reshard.resume_grad_accumulation(cfg, self.record, self.ctx.dp_size)
+        if g == cfg.schedule.grad_accumulation:
+            return cfg
+        self.notes.append(f"schedule.grad_accumulation={g} instead of {cfg.schedule.grad_accumulation}: keeps the "
+                          f"checkpoint's global batch at dp={self.ctx.dp_size}")
+        return reshard.with_grad_accumulation(cfg, g)
 
     def _resume(self) -> str | None:
         tag = self.resume_tag
         if tag is None:
             return None
-        state = self.store.load(self.engine, tag)
+        tp, dp = reshard.saved_layout(self.record)
+        if (tp, dp) == (self.ctx.tp_size, self.ctx.dp_size):
+            state = self.store.load(self.engine, tag)
+        else:
+            state = reshard.resume(self.store, tag, self.record, self.engine, self.cfg, self.ctx, TRAINER_DIR)
+            self.notes.append(f"resharded {tag} from tp={tp} × dp={dp} to tp={self.ctx.tp_size} × "
+                              f"dp={self.ctx.dp_size}")
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
         self.consumed_tokens = int(state["consumed_tokens"])
         self.stream.load_state_dict(state["data"])

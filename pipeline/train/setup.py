@@ -3,7 +3,9 @@
 `check_settings` refuses combinations that would fail later or train the wrong thing, each with the
 setting to change: no teacher but a divergence that needs one, sampled targets with a divergence that
 is not linear in the teacher's probabilities, a temperature other than the cache's, a vocabulary the
-student cannot score. `run_identity` is what a checkpoint must share with the run that resumes it.
+student cannot score. `run_identity` is what a checkpoint must share with the run that resumes it:
+not the layout (dp, tp and grad_accumulation may change, see reshard.py), but the micro-batch and
+the global batch.
 
 Design choice: these checks read manifests only (no shard, no model), so a wrong config fails in a
 second, on every rank alike, before any process group waits; the cost is that a cache whose shards
@@ -137,6 +139,11 @@ def prefix_sampler(cfg: TrainConfig, ctx: ParallelContext, teacher):
                          seq_len=manifest.seq_len, seed=cfg.seed, tp_group=ctx.tp_group)
 
 
+def global_batch(micro_batch: int, grad_accumulation: int, dp: int) -> dict:
+    """The batch shape a resumed run must keep: the layout (dp, tp) may change, the samples per step may not."""
+    return {"micro_batch": micro_batch, "global_batch": micro_batch * grad_accumulation * dp}
+
+
 def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dict:
     """What a checkpoint must share with the run that resumes it (JSON-plain, compared key by key)."""
     from pipeline.online.hidden import map_shape
@@ -152,8 +159,7 @@ def run_identity(cfg: TrainConfig, ctx: ParallelContext, stream, teacher) -> dic
         "teacher_online": cfg.teacher.online or None,
         "hidden_map": map_shape(cfg),  # a checkpoint holds the intermediate-state loss's map, or none
         "loss": config_to_dict(cfg.loss),
-        "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size},
-        "batch": {"micro_batch": cfg.schedule.micro_batch, "grad_accumulation": cfg.schedule.grad_accumulation},
+        "batch": global_batch(cfg.schedule.micro_batch, cfg.schedule.grad_accumulation, ctx.dp_size),
         "seed": cfg.seed,
     }
     return json.loads(json.dumps(identity))
