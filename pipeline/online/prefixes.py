@@ -51,12 +51,12 @@ def assign_sources(rows: int, fractions: dict[str, float], offset: float) -> lis
     """The source of each of `rows` rows (see the module docstring)."""
     bounds, edge = [], 0.0
     for name in SOURCES:
-        edge += fractions.get(name, 0.0)
+        edge = round(edge + fractions.get(name, 0.0), 12)  # 0.1 + 0.2 is 0.3 here, as a config means it
         bounds.append(edge)
     out = []
-    for j in range(rows):
-        u = ((j + 0.5) / rows + offset) % 1.0
-        index = next((i for i, bound in enumerate(bounds) if u < bound and fractions.get(SOURCES[i], 0) > 0),
+    for j in range(rows):  # in units of rows, so a share of a whole number of rows gets exactly that many
+        u = (j + 0.5 + offset * rows) % rows
+        index = next((i for i, bound in enumerate(bounds) if u < bound * rows and fractions.get(SOURCES[i], 0) > 0),
                      max(i for i, name in enumerate(SOURCES) if fractions.get(name, 0) > 0))
         out.append(SOURCES[index])
     return out

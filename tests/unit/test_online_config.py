@@ -1,0 +1,119 @@
+"""Prefix sources and the loss schedule without training: which rows each source gets, which phase a step
+is in, and what a config that cannot work is told (each error names its key)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from pipeline.config import ConfigError, TrainConfig, load_config
+from pipeline.online.prefixes import SOURCES, assign_sources, phase_offset
+from pipeline.train.errors import TrainError
+from pipeline.train.setup import check_settings
+from tests.shardmaker import make_token_shards
+from tests.trainkit import student_overrides
+
+MIXES = [{"data": 0.2, "teacher": 0.3, "student": 0.5}, {"data": 0.0, "teacher": 0.5, "student": 0.5},
+         {"data": 1 / 3, "teacher": 1 / 3, "student": 1 / 3}, {"data": 0.1, "teacher": 0.0, "student": 0.9},
+         {"data": 0.0, "teacher": 0.0, "student": 1.0}, {"data": 0.1, "teacher": 0.2, "student": 0.7}]
+OFFSETS = [phase_offset(0, step, f"shard-000000-{i:06d}") for step in range(4) for i in range(25)] + [
+    0.0, 0.5, 1 - 2**-53, 0.25 - 1e-12]
+
+
+@pytest.mark.parametrize("fractions", MIXES, ids=lambda f: "-".join(f"{v:.2f}" for v in f.values()))
+def test_every_micro_batch_holds_each_share_up_to_one_row(fractions):
+    for rows in range(1, 13):
+        for offset in OFFSETS:
+            counts = Counter(assign_sources(rows, fractions, offset))
+            assert sum(counts.values()) == rows
+            for name in SOURCES:
+                assert abs(counts[name] - fractions[name] * rows) < 1, (rows, offset, counts)
+                if fractions[name] == 0:
+                    assert counts[name] == 0, f"{name} has fraction 0 but got rows ({rows}, {offset})"
+
+
+def test_two_rows_at_halves_are_one_of_each_whatever_the_offset():
+    for offset in OFFSETS:
+        assert sorted(assign_sources(2, {"data": 0.0, "teacher": 0.5, "student": 0.5}, offset)) == [
+            "student", "teacher"]
+        assert sorted(assign_sources(2, {"data": 0.5, "teacher": 0.0, "student": 0.5}, offset)) == [
+            "data", "student"]
+
+
+def test_one_row_micro_batches_get_the_exact_shares_over_the_offset():
+    fractions, grid = {"data": 0.25, "teacher": 0.25, "student": 0.5}, 4000
+    counts = Counter(assign_sources(1, fractions, k / grid)[0] for k in range(grid))
+    assert {name: counts[name] / grid for name in SOURCES} == pytest.approx(fractions, abs=1 / grid)
+
+
+def test_offsets_are_uniform_and_depend_on_seed_step_and_key_only():
+    offsets = [phase_offset(7, 3, f"k{i}") for i in range(2000)]
+    assert all(0 <= u < 1 for u in offsets)
+    assert sum(offsets) / len(offsets) == pytest.approx(0.5, abs=0.03)
+    assert sum(u < 0.25 for u in offsets) / len(offsets) == pytest.approx(0.25, abs=0.03)
+    base = phase_offset(7, 3, "k0")
+    assert len({base, phase_offset(8, 3, "k0"), phase_offset(7, 4, "k0"), phase_offset(7, 3, "k1")}) == 4
+
+
+def _cfg(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, None, list(overrides))
+
+
+def test_phase_at_walks_the_schedule_then_the_main_loss():
+    cfg = _cfg("loss.divergence=rkl", "loss.prefixes.student=1",
+               "loss.phases=[{steps: 2, divergence: kl}, {steps: 3, prefixes: {teacher: 1}}]")
+    loss = cfg.loss
+    got = [(d, p.data_fraction, p.teacher, p.student) for d, p in (loss.phase_at(s) for s in range(7))]
+    assert got == [("kl", 1, 0, 0)] * 2 + [("rkl", 0, 1, 0)] * 3 + [("rkl", 0, 0, 1)] * 2
+    assert _cfg("loss.divergence=js").loss.phase_at(0)[0] == "js"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.prefixes.teacher=0.5", "loss.prefixes.data=0.2"],
+     "loss.prefixes.data: the fractions data + teacher + student must sum to 1, got 0.2 + 0.5 + 0.0 = 0.7"),
+    (["loss.prefixes.teacher=0.7", "loss.prefixes.student=0.6"],
+     "loss.prefixes.teacher: teacher + student = 1.3 exceeds 1"),
+    (["loss.phases=[{steps: 2, prefixes: {teacher: 0.3, data: 0.3}}]"],
+     "loss.phases[0].prefixes.data: the fractions data + teacher + student must sum to 1"),
+    (["loss.prefixes.student=1.5"], "loss.prefixes.student:"),
+    (["loss.kl_warmup_steps=3", "loss.phases=[{steps: 2}]"], "loss.kl_warmup_steps: and phases both"),
+])
+def test_fractions_and_schedule_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        _cfg(*overrides)
+    assert message in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("online_config") / "tokens"
+    make_token_shards(folder, [4], seq_len=8, vocab_size=300, seed=0)
+    return folder
+
+
+@pytest.mark.parametrize("extra, keys", [
+    (dict(loss__prefixes__student=1.0), ["loss.prefixes:", "set teacher.online"]),
+    (dict(loss__prefixes__teacher=0.5, loss__divergence="ce"), ["loss.prefixes:", "set teacher.online"]),
+    (dict(loss__phases="[{steps: 1, prefixes: {student: 1}}]", loss__divergence="ce"),
+     ["loss.phases[0].prefixes:", "teacher.online"]),
+    (dict(teacher__online="/x/teacher", data__teacher_cache="/x/cache"),
+     ["teacher.online=/x/teacher", "data.teacher_cache=/x/cache", "both set"]),
+    (dict(teacher__hidden_weight=0.5, loss__divergence="ce"), ["teacher.hidden_weight needs teacher.online"]),
+    (dict(loss__divergence="rkl"), ["loss.divergence='rkl' needs a teacher", "teacher.online"]),
+    (dict(loss__phases="[{steps: 1, divergence: kl}]", loss__divergence="ce"), ["loss.divergence='kl' needs"]),
+    (dict(teacher__online="/x/teacher", loss__prefixes__student=1.0, loss__prefixes__prompt_len=9),
+     ["loss.prefixes.prompt_len=9 leaves no token to generate", "1 ≤ prompt_len ≤ 8"]),
+])
+def test_teacher_and_prefix_errors_name_the_keys(tmp_path, tokens, extra, keys):
+    overrides = student_overrides(tmp_path / "run", tokens, **extra)
+    with pytest.raises(TrainError) as caught:
+        check_settings(load_config(TrainConfig, None, overrides))
+    for key in keys:
+        assert key in str(caught.value), str(caught.value)
+
+
+def test_online_teacher_with_generated_prefixes_passes_the_checks(tmp_path, tokens):
+    overrides = student_overrides(tmp_path / "run", tokens, teacher__online="/x/teacher", loss__divergence="tvd",
+                                  loss__prefixes__teacher=0.5, loss__prefixes__student=0.5,
+                                  loss__prefixes__prompt_len=8)
+    check_settings(load_config(TrainConfig, None, overrides))
