@@ -3,6 +3,7 @@ is in, and what a config that cannot work is told (each error names its key)."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,28 @@ def test_online_teacher_with_generated_prefixes_passes_the_checks(tmp_path, toke
                                   loss__prefixes__teacher=0.5, loss__prefixes__student=0.5,
                                   loss__prefixes__prompt_len=8)
     check_settings(load_config(TrainConfig, None, overrides))
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FDISTILL = {"kl": ("kl", 0.0, 1.0, 0.0), "rkl": ("rkl", 0.0, 0.0, 1.0), "js": ("js", 0.0, 0.5, 0.5),
+            "tvd": ("tvd", 0.0, 0.5, 0.5)}  # divergence, data, teacher, student (f-DISTILL, Table 1)
+
+
+def test_fdistill_configs_differ_in_their_loss_line_only_and_schedule_the_variants(tmp_path, tokens):
+    texts = {name: (CONFIGS / f"fdistill_{name}.yaml").read_text().splitlines() for name in FDISTILL}
+    for name, lines in texts.items():
+        differing = [a for a, b in zip(lines, texts["kl"]) if a != b]
+        assert len(lines) == len(texts["kl"]) and len(differing) == (name != "kl"), (name, differing)
+        assert all(line.startswith("loss:") for line in differing)
+        cfg = load_config(TrainConfig, CONFIGS / f"fdistill_{name}.yaml")
+        pre, prefixes = cfg.loss.phase_at(199)
+        assert pre == "kl" and prefixes.data_fraction == 1 and not prefixes.generates  # word-level first
+        divergence, prefixes = cfg.loss.phase_at(200)
+        assert (divergence, prefixes.data_fraction, prefixes.teacher, prefixes.student) == FDISTILL[name]
+        assert (prefixes.sampling.top_k, prefixes.sampling.temperature) == (30, 1.0)
+        # the released code's JS: 0.85 on the student's term KL(q‖M), M = 0.15·p + 0.85·q
+        assert name != "js" or (cfg.loss.divergence_params()["beta"] == pytest.approx(0.15))
+        run = load_config(TrainConfig, CONFIGS / f"fdistill_{name}.yaml", [
+            f"run_dir={tmp_path / name}", f"data.tokens={tokens}", "teacher.online=/x/teacher",
+            "model.vocab_size=300", "loss.prefixes.prompt_len=8"])
+        check_settings(run)  # what `distill train` checks first: a config the trainer accepts
