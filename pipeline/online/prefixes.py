@@ -18,8 +18,9 @@ continuation, EOS padding, one document) with a loss mask on the generated posit
 
 All rows one model continues in a step are decoded in one call: the student's parameters are gathered
 once per optimizer step (ZeRO-3, `for_generation`), with the weights the step starts from, and every DP
-rank takes part (each rank's micro-batches hold the same number of student rows, as their size is the
-same). Generated tokens are data: the decoder runs under no_grad, so no gradient flows through sampling.
+rank takes part in that gather whenever the source's fraction is positive, with however many rows it has
+(a non-integer share gives micro-batches one row more or less; none at all is a gather and no decode).
+Generated tokens are data: the decoder runs under no_grad, so no gradient flows through sampling.
 
 Design choice: generation happens inside the training step, synchronously. The cost is that the step
 waits for decoding (perf/generate_s says how long); an asynchronous sampler would overlap it with the
