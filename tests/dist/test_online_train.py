@@ -1,20 +1,21 @@
 """The online teacher and on-policy prefixes, checked against independent computations at TP 1 and TP 2.
 
-One worker runs four short trainings at the given TP size (1 process, or 2 gloo processes for TP 2),
-each built as `distill train` builds it (`TrainingRun`) and stepped by hand:
+One worker (1 process, or 2 gloo processes for TP 2) runs two trainings built as `distill train` builds
+them (`TrainingRun`) and steps them by hand:
 
-- dense: 5 steps of forward KL on corpus prefixes with `teacher.online`, and 5 steps of the same student
-  against targets computed here with `transformers`' model of the same teacher folder (its logits, padded
-  to the student's vocabulary and cut to this rank's slice, as `DenseTargets`): the losses agree to 1e-5.
-- on-policy: 3 steps with prefixes half teacher-sampled, half student-sampled. Before each step the test
-  decodes every row itself with `pipeline.generate.generate` from the weights the step starts from
-  (the student's engine or the teacher model) and the keys `KEY@STEP`, and asserts that the rows the loss
-  reads are prompt + those tokens + EOS padding, that the loss mask covers exactly the generated labels,
-  that the tokens are integer tensors outside any autograd graph, and that the online teacher was fed
-  exactly those rows.
-- fixed: a fresh student of the same seed trained on the captured rows as data (no sampling at all): its
-  losses and gradient norms equal the on-policy run's, so the gradient is that of the loss on fixed tokens
-  and nothing flows through, or is disturbed by, sampling.
+- online: `teacher.online`, 5 steps of a word-level forward-KL phase on the corpus, then 3 steps with
+  half teacher-sampled, half student-sampled prefixes. Before each of those the test decodes every row
+  itself with `pipeline.generate.generate` from the weights the step starts from (the student's engine
+  or the teacher model) and the keys `KEY@STEP`, and asserts that the rows the loss reads are prompt +
+  those tokens + EOS padding, that the loss mask covers exactly the generated labels, and that the tokens
+  are integer tensors outside any autograd graph; and that the online teacher was fed exactly the rows
+  the loss read.
+- reference: a fresh student of the same seed fed the online run's rows as data (nothing sampled), its
+  targets computed here with `transformers`' model of the same teacher folder (logits padded to the
+  student's vocabulary and cut to this rank's slice, as `DenseTargets`). Its losses equal the online
+  run's to 1e-5 and its gradient norms to 1e-4 at all 8 steps: dense online KD is KD against the same
+  teacher's logits, and an on-policy step's gradient is the loss's gradient on its rows as fixed tokens
+  (nothing flows through, or is disturbed by, sampling).
 
 The parent compares TP 2 with TP 1: the same generated tokens, losses within 1e-5.
 """
@@ -86,26 +87,8 @@ def _close(run) -> None:
     run.ctx.destroy()
 
 
-def _steps(run, steps: int, batches=None) -> list[tuple[float, float]]:
-    out = []
-    for step in range(steps):
-        micro = run.stream.next_step().micro_batches if batches is None else batches[step]
-        result = run.student.run(micro, step)
-        out.append((result.values["loss"], result.grad_norm))
-    return out
-
-
-def _dense(folder, tp: int) -> dict:
-    run = _open(_overrides(folder, "online", tp))
-    online = _steps(run, DENSE_STEPS)
-    _close(run)
-    run = _open(_overrides(folder, "hf", tp))
-    weight = run.engine.module.output_layer.weight
-    local_vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions it; ds_shape is its slice's
-    run.student.targets = HFTargets(folder / "teacher", local_vocab, run.ctx.tp_rank, run.ctx.tp_size)
-    reference = _steps(run, DENSE_STEPS)
-    _close(run)
-    return {"online": online, "reference": reference}
+def _steps(run, batches: list) -> list[tuple[float, float]]:
+    return [(r.values["loss"], r.grad_norm) for r in (run.student.run(b, step) for step, b in enumerate(batches))]
 
 
 class Recorder:
@@ -159,33 +142,37 @@ def _check_rows(prepared: list, expected: dict, eos: int) -> None:
         assert tokens.dtype == torch.int64 and not tokens.requires_grad and tokens.grad_fn is None
 
 
-def _on_policy(folder, tp: int) -> dict:
-    policy = dict(loss__prefixes__teacher=0.5, loss__prefixes__student=0.5, loss__prefixes__prompt_len=PROMPT)
-    run = _open(_overrides(folder, "policy", tp, **policy))
+def _worker(rank: int, world: int, folder) -> dict:
+    """The online run (dense steps, then on-policy ones, checked as they go), then the reference run: a
+    fresh student of the same seed fed the online run's rows as data, its targets from `HFTargets`."""
+    overrides = _overrides(folder, "online", world, loss__phases=f"[{{steps: {DENSE_STEPS}, divergence: kl}}]",
+                           loss__prefixes__teacher=0.5, loss__prefixes__student=0.5,
+                           loss__prefixes__prompt_len=PROMPT)
+    run = _open(overrides)
     fed = run.teacher.logits = Recorder(run.teacher.logits)
-    prepare, captured, results = run.student.prepare, [], []
-    run.student.prepare = lambda micro, s: captured.append(prepare(micro, s)) or captured[-1]
-    for step in range(POLICY_STEPS):
+    prepare, read, online = run.student.prepare, [], []
+    run.student.prepare = lambda micro, s: read.append(prepare(micro, s)) or read[-1]
+    for step in range(DENSE_STEPS + POLICY_STEPS):
         batches = run.stream.next_step().micro_batches
-        expected = _expected_rows(run, batches, step)
+        expected = _expected_rows(run, batches, step) if step >= DENSE_STEPS else None
         result = run.student.run(batches, step)
-        _check_rows(captured[-1], expected, run.student.prefixes.eos_id)
-        results.append((result.values["loss"], result.grad_norm))
-    inputs = fed.seen
-    assert len(inputs) == 2 * POLICY_STEPS  # one teacher forward per micro-batch
-    for got, batch in zip(inputs, [b for step in captured for b in step]):
+        if expected is None:
+            assert read[-1] is batches  # the word-level phase reads the data as it is
+        else:
+            _check_rows(read[-1], expected, run.student.prefixes.eos_id)
+        online.append((result.values["loss"], result.grad_norm))
+    assert len(fed.seen) == 2 * len(read)  # one teacher forward per micro-batch
+    for got, batch in zip(fed.seen, [b for step in read for b in step]):
         assert torch.equal(got.cpu(), batch["tokens"][:, :-1]), "the teacher scored other tokens than the loss"
     _close(run)
-    run = _open(_overrides(folder, "fixed", tp))  # data prefixes only: no sampler
-    assert run.student.prefixes is None
-    fixed = _steps(run, POLICY_STEPS, batches=captured)
+    run = _open([o.replace(f"online_tp{world}", f"reference_tp{world}") for o in overrides])  # another run_dir
+    run.student.prefixes = None  # the rows as data: nothing is sampled
+    weight = run.engine.module.output_layer.weight
+    local_vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions it; ds_shape is its slice's
+    run.student.targets = HFTargets(folder / "teacher", local_vocab, run.ctx.tp_rank, run.ctx.tp_size)
+    reference = _steps(run, read)
     _close(run)
-    tokens = [[b["tokens"] for b in step] for step in captured]
-    return {"policy": results, "fixed": fixed, "tokens": tokens}
-
-
-def _worker(rank: int, world: int, folder) -> dict:
-    return {"dense": _dense(folder, world), "on_policy": _on_policy(folder, world)}
+    return {"online": online, "reference": reference, "tokens": [[b["tokens"] for b in step] for step in read]}
 
 
 @pytest.mark.dist
@@ -193,20 +180,15 @@ def test_online_teacher_and_on_policy_prefixes_at_tp1_and_tp2(data):
     tp1 = run_distributed(_worker, 1, data)[0]
     tp2 = run_distributed(_worker, 2, data)
     for got in (tp1, *tp2):
-        dense = got["dense"]
-        assert len(dense["online"]) == DENSE_STEPS
-        for (online, _), (reference, _) in zip(dense["online"], dense["reference"]):
-            assert online == pytest.approx(reference, rel=1e-5, abs=1e-6)
-        losses = [loss for loss, _ in dense["online"]]
-        assert losses[-1] < losses[0], "the dense KD run did not learn"
-        policy = got["on_policy"]
-        for (loss, norm), (fixed_loss, fixed_norm) in zip(policy["policy"], policy["fixed"]):
-            assert loss == pytest.approx(fixed_loss, rel=1e-6) and norm == pytest.approx(fixed_norm, rel=1e-6)
-    assert json.dumps(tp2[0]["dense"]) == json.dumps(tp2[1]["dense"])  # TP ranks report the same
-    for one, two in zip(tp1["on_policy"]["tokens"], tp2[0]["on_policy"]["tokens"]):
+        assert len(got["online"]) == DENSE_STEPS + POLICY_STEPS
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got["online"], got["reference"])):
+            assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), f"step {step}"
+            assert norm == pytest.approx(ref_norm, rel=1e-4), f"step {step}"
+        losses = [loss for loss, _ in got["online"][:DENSE_STEPS]]
+        assert losses[-1] < losses[0], "the dense KD phase did not learn"
+    assert json.dumps(tp2[0]["online"]) == json.dumps(tp2[1]["online"])  # TP ranks report the same
+    for one, two in zip(tp1["tokens"], tp2[0]["tokens"]):
         for a, b in zip(one, two):
             assert torch.equal(a, b), "TP 2 generated other tokens than TP 1"
-    for one, two in zip(tp1["on_policy"]["policy"], tp2[0]["on_policy"]["policy"]):
-        assert two[0] == pytest.approx(one[0], rel=1e-5)
-    for one, two in zip(tp1["dense"]["online"], tp2[0]["dense"]["online"]):
-        assert two[0] == pytest.approx(one[0], rel=1e-5)
+    for step, (one, two) in enumerate(zip(tp1["online"], tp2[0]["online"])):
+        assert two[0] == pytest.approx(one[0], rel=1e-5), f"step {step}"
