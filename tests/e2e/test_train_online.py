@@ -9,10 +9,11 @@ known in advance (rows per source × that).
   on the data, then TVD on half teacher-, half student-sampled prefixes. Each micro-batch's rows take
   their source and draws from their keys and the step only, so both layouts generate the same rows and
   give the same losses (to 1e-6), and both log the whole step's generated tokens (summed over DP).
-- SIGKILL once steps past the checkpoint at step 4 are logged, while the next on-policy step decodes
-  (the student's decoding is most of such a step); the rerun resumes from the checkpoint and logs the
-  uninterrupted run's losses at every step. Nothing about generation is saved: the draws are seeded
-  by (seed, sample key, step), and the step is in the checkpoint.
+- A 2-step KL phase on the data, then reverse KL on the student's own samples: SIGKILL once steps past
+  the checkpoint at step 4 are logged, while the next on-policy step decodes (the student's decoding is
+  most of such a step); the rerun resumes from the checkpoint and logs the uninterrupted run's losses at
+  every step. Nothing about generation is saved: the draws are seeded by (seed, sample key, step), and
+  the step (which also places the run in its phase) is in the checkpoint.
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def data(tmp_path_factory):
     return folder, tokens
 
 
-def _overrides(data, name: str, **extra) -> list[str]:
+def _overrides(data, name: str, divergence: str = "tvd", **extra) -> list[str]:
     folder, tokens = data
     return student_overrides(folder / name, tokens, teacher__online=folder / "teacher",
-                             loss__prefixes__prompt_len=PROMPT, **extra) + ["loss.divergence=tvd"]
+                             loss__prefixes__prompt_len=PROMPT, **extra) + [f"loss.divergence={divergence}"]
 
 
 @pytest.mark.dist
@@ -94,7 +95,8 @@ def test_dp2_matches_dp1_and_logs_generation(data):
 @pytest.mark.slow
 def test_resume_after_sigkill_during_on_policy_step_equals_uninterrupted_run(data):
     folder = data[0]
-    steps = dict(steps=8, checkpoint__every=4, loss__prefixes__student=1.0)
+    steps = dict(steps=8, checkpoint__every=4, divergence="rkl", loss__prefixes__student=1.0,
+                 loss__phases="[{steps: 2, divergence: kl}]")  # the schedule resumes too
     assert run_distributed(_train, 1, [_overrides(data, "whole", **steps)]) == [[0]]
     killed = _overrides(data, "killed", **steps)
     procs = launch(killed)
@@ -109,4 +111,4 @@ def test_resume_after_sigkill_during_on_policy_step_equals_uninterrupted_run(dat
     for step, value in whole.items():
         assert losses(run)[step] == pytest.approx(value, rel=1e-6, abs=1e-7), f"step {step}"
     generated = losses(run, "data/generated_student_tokens")
-    assert generated == {step: 2 * NEW for step in range(1, 9)}
+    assert generated == {step: 2 * NEW for step in range(3, 9)}
