@@ -143,3 +143,24 @@ def test_fdistill_configs_differ_in_their_loss_line_only_and_schedule_the_varian
             f"run_dir={tmp_path / name}", f"data.tokens={tokens}", "teacher.online=/x/teacher",
             "model.vocab_size=300", "loss.prefixes.prompt_len=8"])
         check_settings(run)  # what `distill train` checks first: a config the trainer accepts
+
+
+def test_online_teacher_with_another_tokenizer_is_refused(tmp_path):
+    from tokenization.tokenizer import fingerprint, load_tokenizer, train_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("the teacher reads the ids it was trained on, and so does the student\n" * 20)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    train_tokenizer([tmp_path / "corpus.txt"], 280, out_path=teacher / "tokenizer.json")
+    own = fingerprint(load_tokenizer(teacher))
+    for name, shard_fingerprint in (("other", "e" * 64), ("same", own)):
+        make_token_shards(tmp_path / name, [4], seq_len=8, vocab_size=280, fingerprint=shard_fingerprint)
+        cfg = load_config(TrainConfig, None, student_overrides(tmp_path / f"run_{name}", tmp_path / name,
+                                                               teacher__online=teacher, loss__divergence="kl"))
+        if name == "same":
+            check_settings(cfg)
+            continue
+        with pytest.raises(TrainError) as caught:
+            check_settings(cfg)
+        assert str(caught.value).startswith(f"teacher.online: teacher {teacher}: its tokenizer (fingerprint "
+                                            f"{own[:12]}…) is not the one the token shards in {tmp_path / name}")
