@@ -97,12 +97,12 @@ class PrefixSourcesConfig:
 
     def __post_init__(self) -> None:
         if self.data is None and self.teacher + self.student > 1.0 + 1e-9:
-            raise ConfigError("teacher", f"teacher + student = {self.teacher + self.student} exceeds 1 (data takes "
+            raise ConfigError("teacher", f"teacher + student = {self.teacher + self.student:.6g} exceeds 1 (data takes "
                                          "the rest, 1 − teacher − student)")
         total = self.data_fraction + self.teacher + self.student
         if abs(total - 1.0) > 1e-9:
             raise ConfigError("data", f"the fractions data + teacher + student must sum to 1, got "
-                                      f"{self.data} + {self.teacher} + {self.student} = {total}")
+                                      f"{self.data} + {self.teacher} + {self.student} = {total:.6g}")
 
     @property
     def data_fraction(self) -> float:

@@ -18,8 +18,9 @@ continuation, EOS padding, one document) with a loss mask on the generated posit
 
 All rows one model continues in a step are decoded in one call: the student's parameters are gathered
 once per optimizer step (ZeRO-3, `for_generation`), with the weights the step starts from, and every DP
-rank takes part (each rank's micro-batches hold the same number of student rows, as their size is the
-same). Generated tokens are data: the decoder runs under no_grad, so no gradient flows through sampling.
+rank takes part in that gather whenever the source's fraction is positive, with however many rows it has
+(a non-integer share gives micro-batches one row more or less; none at all is a gather and no decode).
+Generated tokens are data: the decoder runs under no_grad, so no gradient flows through sampling.
 
 Design choice: generation happens inside the training step, synchronously. The cost is that the step
 waits for decoding (perf/generate_s says how long); an asynchronous sampler would overlap it with the
@@ -51,12 +52,12 @@ def assign_sources(rows: int, fractions: dict[str, float], offset: float) -> lis
     """The source of each of `rows` rows (see the module docstring)."""
     bounds, edge = [], 0.0
     for name in SOURCES:
-        edge += fractions.get(name, 0.0)
+        edge = round(edge + fractions.get(name, 0.0), 12)  # 0.1 + 0.2 is 0.3 here, as a config means it
         bounds.append(edge)
     out = []
-    for j in range(rows):
-        u = ((j + 0.5) / rows + offset) % 1.0
-        index = next((i for i, bound in enumerate(bounds) if u < bound and fractions.get(SOURCES[i], 0) > 0),
+    for j in range(rows):  # in units of rows, so a share of a whole number of rows gets exactly that many
+        u = (j + 0.5 + offset * rows) % rows
+        index = next((i for i, bound in enumerate(bounds) if u < bound * rows and fractions.get(SOURCES[i], 0) > 0),
                      max(i for i, name in enumerate(SOURCES) if fractions.get(name, 0) > 0))
         out.append(SOURCES[index])
     return out

@@ -118,7 +118,8 @@ class StudentStep:
 
     def prepare(self, micro_batches: list, step: int) -> list:
         """The micro-batches the loss reads at `step`: the data's, or with rows continued by the online teacher
-        or the student (loss.prefixes, or the phase's); records the decoding time and generated tokens."""
+        or the student (loss.prefixes, or the phase's); records this rank's decoding time and the generated
+        tokens of the whole step (summed over DP ranks: one small all-reduce per generating step)."""
         _, prefixes = self.cfg.loss.phase_at(step)
         self.times = {}
         if self.prefixes is None or not prefixes.generates:
@@ -126,7 +127,11 @@ class StudentStep:
         out = self.prefixes.prepare(micro_batches, step, prefixes, self.engine)
         stats = self.prefixes.stats
         self.times = {f"generate_{k}_s": v for k, v in stats.seconds.items()}
-        self.times.update({f"generated_{k}_tokens": float(v) for k, v in stats.tokens.items()})
+        tokens = torch.tensor([float(v) for v in stats.tokens.values()], dtype=torch.float64)
+        if self.ctx.dp_size > 1:  # the step's tokens over every DP rank, as data/consumed_tokens counts them
+            tokens = tokens.to(self.ctx.device)
+            dist.all_reduce(tokens, group=self.ctx.dp_group)
+        self.times.update({f"generated_{k}_tokens": float(v) for k, v in zip(stats.tokens, tokens.tolist())})
         return out
 
     def forward(self, batch: dict, *, targets=True):

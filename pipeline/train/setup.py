@@ -49,6 +49,8 @@ def check_settings(cfg: TrainConfig) -> None:
             _check_cache(cfg, cache, trained_on=trained_on)
     if cfg.data.tokenizer:
         _check_tokenizer(cfg.data.tokenizer, tokens.tokenizer_fingerprint, cfg.data.tokens)
+    if cfg.teacher.online:
+        _check_online_tokenizer(cfg.teacher.online, tokens, cfg.data.tokens)
 
 
 def _prefix_settings(cfg: TrainConfig) -> list:
@@ -110,6 +112,18 @@ def _check_tokenizer(path: str, expected: str, tokens: str) -> None:
     if found != expected:
         raise TrainError(f"data.tokenizer={path}: fingerprint {found[:12]}… is not the one the token shards in "
                          f"{tokens} were made with ({expected[:12]}…)")
+
+
+def _check_online_tokenizer(teacher: str, tokens, where: str) -> None:
+    """The online teacher's tokenizer, when its folder has one, is the token shards' (as for a cache's
+    teacher); its vocabulary is checked against model.vocab_size when it is loaded."""
+    from pipeline.teacher.errors import CacheError
+    from pipeline.teacher.identity import check_teacher_tokenizer
+
+    try:
+        check_teacher_tokenizer(teacher, tokens, where)
+    except CacheError as err:
+        raise TrainError(f"teacher.online: {err}") from None
 
 
 def open_teacher(cfg: TrainConfig, ctx: ParallelContext):

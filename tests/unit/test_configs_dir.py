@@ -11,7 +11,7 @@ from pipeline.quickstart.settings import QuickstartConfig
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 ROOT_BY_PREFIX: dict[str, type] = {"loss_": RunConfig, "cache_": CacheConfig, "student_": TrainConfig,
-                                   "quickstart": QuickstartConfig}
+                                   "fdistill_": TrainConfig, "quickstart": QuickstartConfig}
 """Which root class a config file fills, by file-name prefix; RunConfig for any other name."""
 
 
