@@ -14,7 +14,9 @@ Design choice: megatron-core's own initialisation is switched off and `init.py` 
 from a generator seeded by its name, so a new model is the same at every TP size and device for one
 seed (the student trainer's TP=1-equals-TP=2 check relies on it); the cost is a full-size temporary
 per weight at build time, which is why an import builds with `initialize=False` and fills the
-slices from the checkpoint instead.
+slices from the checkpoint instead. Switching it off also skips where megatron marks its TP-split weights
+`tensor_model_parallel`, so `mark_tensor_parallel` marks them here: DeepSpeed's global gradient norm (and
+so gradient clipping) counts a weight without the mark on TP rank 0 only.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -124,6 +127,7 @@ class LlamaGPT(GPTModel):
                          parallel_output=True, share_embeddings_and_output_weights=cfg.tie_embeddings,
                          position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
         self.rotary_pos_emb = RotaryEmbedding(cfg).to(device)
+        mark_tensor_parallel(self)
         if seed is not None:
             weight_init.initialize(self, seed, ctx.tp_size, ctx.tp_rank)
 
@@ -154,6 +158,31 @@ class LlamaGPT(GPTModel):
             return super().forward(input_ids=tokens, position_ids=positions, attention_mask=document_ids)
         finally:
             self.rotary_pos_emb.set_positions(None)
+
+
+def mark_tensor_parallel(model: nn.Module) -> None:
+    """Mark every TP-split weight of `model` as megatron-core would have (`tensor_model_parallel`, its
+    `partition_dim` and `partition_stride`).
+
+    megatron sets these attributes on a weight only inside its own initialisation, which
+    `perform_initialization=False` skips (biases get them regardless). DeepSpeed reads them for the global
+    gradient norm (`is_model_parallel_parameter`): a weight without them counts as replicated, so only TP
+    rank 0's slice entered the norm, and at TP > 1 both train/grad_norm and gradient clipping were wrong.
+    Replicated weights (the RMSNorms) stay unmarked and are counted once, on TP rank 0.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)  # a tied output layer has none of its own
+        if weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        # the fused [gate_r; up_r] of a gated MLP interleaves two matrices: megatron's stride 2
+        stride = 2 if name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit else 1
+        set_tensor_model_parallel_attributes(weight, True, dim, stride)
 
 
 def document_ids_from_segments(segments: Tensor, seq_len: int) -> Tensor:
