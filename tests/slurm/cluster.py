@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class SlurmCluster:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.conf = self.folder / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        # jobs run this interpreter (the checkout under test may have no .venv of its own)
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PYTHON=os.environ.get("PYTHON", sys.executable))
         self.started: list[Path] = []
 
     @classmethod
@@ -111,9 +113,11 @@ class SlurmCluster:
             time.sleep(0.5)
         raise RuntimeError(f"the Slurm nodes did not become idle; see {self.folder / 'log'}")
 
-    def sbatch(self, script: str, *args: str, options: tuple[str, ...] = (), cwd: Path) -> str:
-        """Submit `script` (relative to `cwd`) with sbatch `options` and script `args`; the job id."""
-        result = subprocess.run(["sbatch", "--parsable", *options, script, *args], cwd=cwd, env=self.env,
+    def sbatch(self, script: str, *args: str, options: tuple[str, ...] = (), cwd: Path, env=None) -> str:
+        """Submit `script` (relative to `cwd`) with sbatch `options` and script `args`, `env` added to the
+        job's environment; the job id."""
+        result = subprocess.run(["sbatch", "--parsable", *options, script, *args], cwd=cwd,
+                                env=dict(self.env, **(env or {})),
                                 capture_output=True, text=True, check=True)
         return result.stdout.strip().split(";")[0]
 
