@@ -3,7 +3,7 @@
 One module-scoped two-node cluster (node1, node2: own network and UTS namespaces, own addresses on a
 bridge). Job arrays of tokenize.sbatch and cache_teacher.sbatch run with --exclusive, so their tasks
 spread over both nodes, and must write byte-identical shards and caches to the same arrays pinned to
-node1. train_student.sbatch with --nodes=2 (one rank per node, ZeRO-3 over dp 2) in both launch modes,
+node1; so must cache_teacher.sbatch as one job with a teacher replica on each node. train_student.sbatch with --nodes=2 (one rank per node, ZeRO-3 over dp 2) in both launch modes,
 srun per rank and torchrun per node, must log ranks on both hostnames and the master's address on the
 bridge, and produce the losses of the same two ranks on node1 alone. Then a node loss: node2's processes
 are SIGKILLed (slurmd included) mid-run; the rank on node1 must fail within the collective timeout
@@ -103,11 +103,15 @@ def data(cluster, tmp_path_factory):
              str(folder / f"train_{name}"), "--txt-mode", "blocks", "--tokenizer", str(tok), "--seq-len", "32",
              "--shard-max-samples", "40", options=("--array=0-3", *placement, "--output",
                                                    str(folder / f"{name}-%x-%A_%a.out")))
-    for name, placement in placements:  # both caches of the same shards
-        logs = ("--output", str(folder / f"{name}-%x-%A_%a.out"))
-        _run(cluster, "slurm/cache_teacher.sbatch", "--config", "configs/cache_topk.yaml",
-             f"teacher={folder / 'teacher'}", "targets.k=8", "progress=false", f"tokens={folder / 'train_node1'}",
-             f"output={folder / f'cache_{name}'}", options=("--array=0-1", "--ntasks-per-node=1", *placement, *logs))
+    cache = ("--config", "configs/cache_topk.yaml", f"teacher={folder / 'teacher'}", "targets.k=8", "progress=false",
+             f"tokens={folder / 'train_node1'}")
+    for name, placement in placements:  # caches of the same shards
+        _run(cluster, "slurm/cache_teacher.sbatch", *cache, f"output={folder / f'cache_{name}'}",
+             options=("--array=0-1", "--ntasks-per-node=1", *placement, "--output",
+                      str(folder / f"{name}-%x-%A_%a.out")))
+    # one job, a teacher replica (tp 1) per node, the replicas splitting the shards
+    _run(cluster, "slurm/cache_teacher.sbatch", *cache, f"output={folder / 'cache_job'}",
+         options=("--nodes=2", "--ntasks-per-node=1", "--output", str(folder / "cache_job.out")))
     return folder
 
 
@@ -115,9 +119,11 @@ def test_arrays_spread_over_both_nodes_write_the_same_shards_and_caches(cluster,
     assert _hosts_in_logs(data, "spread-distill-tokenize-*.out") == {"node1", "node2"}
     assert _hosts_in_logs(data, "spread-distill-cache-*.out") == {"node1", "node2"}
     assert _hosts_in_logs(data, "node1-distill-*.out") == {"node1"}
-    for kind in ("train", "cache"):
-        spread, pinned = _digests(data / f"{kind}_spread"), _digests(data / f"{kind}_node1")
-        assert spread and spread == pinned, kind
+    for spread, pinned in (("train_spread", "train_node1"), ("cache_spread", "cache_node1"),
+                           ("cache_job", "cache_node1")):
+        assert _digests(data / spread) == _digests(data / pinned), spread
+    text = (data / "cache_job.out").read_text()
+    assert "rank 0 on node1" in text and "rank 1 on node2" in text
     checked = _distill("verify-cache", str(data / "cache_spread"), "--tokens", str(data / "train_node1"),
                        "--teacher", str(data / "teacher"), "--positions", "32")
     assert checked.returncode == 0, checked.stdout + checked.stderr
