@@ -75,18 +75,6 @@ class MultiNodeCluster(SlurmCluster):
         """A node loss: SIGKILL to every process on `node` (slurmd, job steps, ranks); the pids killed."""
         return self.net.kill(node, signal.SIGKILL)
 
-    def job_nodes(self, job_id: str) -> list[list[str]]:
-        """Each task's (or the job's) allocated hostnames, from scontrol."""
-        lines = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True,
-                               text=True).stdout.splitlines()
-        out = []
-        for line in lines:
-            nodelist = dict(i.split("=", 1) for i in line.split() if "=" in i).get("NodeList", "")
-            names = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=self.env, capture_output=True,
-                                   text=True).stdout.split()
-            out.append(names)
-        return out
-
     def stop(self) -> None:
         try:
             super().stop()

@@ -161,12 +161,13 @@ def _assert_same_losses(have: dict[int, float], want: dict[int, float], rel: flo
 
 
 def _assert_on_both_nodes(log: Path, cluster, marker: str) -> None:
+    """The log shows `marker` 0 and 1 (ranks, or torchrun agents) on node1 and node2, and node1's address."""
     text = log.read_text()
-    assert f"{marker} 0 on node" in text and f"{marker} 1 on node" in text, text[-3000:]
-    assert {f"on {h}" for h in ("node1", "node2")} <= {f"on {w.split()[-1]}" for w in text.splitlines()
-                                                        if w.startswith(marker)}
-    assert f"master node1:" in text and f"({cluster.net.address(1)})" in text, text[:2000]
+    hosts = {line.split(" on ")[-1] for line in text.splitlines() if line.startswith(f"{marker} ")}
+    assert hosts == {"node1", "node2"}, text[-3000:]
     assert "layout: nodes 2 (node[1-2])" in text
+    assert f"master node1:{20000 + int(text.split('| job ')[1].split()[0]) % 20000} ({cluster.net.address(1)})" \
+        in text, text[:2000]
 
 
 def test_two_node_training_with_srun_ranks_matches_one_node(cluster, data, one_node, two_nodes):
@@ -207,5 +208,5 @@ def test_node_loss_ends_the_attempt_in_bounded_time_and_the_requeued_job_resumes
     cluster.release(job)
     assert cluster.wait(job) == ["COMPLETED"]
     text = log.read_text()
-    assert "restart 1" in text and f"resumed from" in text and "rank 1 on node2" in text.split("restart 1", 1)[1]
+    assert "restart 1" in text and "resumed from" in text and "rank 1 on node2" in text.split("restart 1", 1)[1]
     _assert_same_losses(losses(data / name), losses(two_nodes), rel=1e-5)
