@@ -101,7 +101,7 @@ def data(cluster, tmp_path_factory):
     for name, placement in placements:
         _run(cluster, "slurm/tokenize.sbatch", "--input", str(corpus / "train-*.txt"), "--out",
              str(folder / f"train_{name}"), "--txt-mode", "blocks", "--tokenizer", str(tok), "--seq-len", "32",
-             "--shard-max-samples", "40", options=("--array=0-3", *placement, "--output",
+             "--shard-max-samples", "40", options=("--array=0-1", *placement, "--output",
                                                    str(folder / f"{name}-%x-%A_%a.out")))
     cache = ("--config", "configs/cache_topk.yaml", f"teacher={folder / 'teacher'}", "targets.k=8", "progress=false",
              f"tokens={folder / 'train_node1'}")
