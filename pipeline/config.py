@@ -40,9 +40,9 @@ class ParallelConfig:
     backend: Literal["auto", "gloo", "nccl"] = setting(
         "auto", "torch.distributed backend. auto = nccl when CUDA is available, else gloo (the CPU "
                 "development and CI platform).")
-    timeout_minutes: int = setting(30, "How long a collective may wait before the job fails. Too short kills "
-                                       "jobs during slow checkpoints; too long lets a hung rank hold the "
-                                       "allocation.", positive)
+    timeout_minutes: float = setting(30, "How long a collective may wait before the job fails (fractions allowed, "
+                                         "0.5 = 30 s). Too short kills jobs during slow checkpoints; too long "
+                                         "lets a hung rank hold the allocation.", positive)
 
 
 @dataclass(frozen=True)

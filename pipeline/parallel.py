@@ -143,7 +143,7 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _init_default_group(launch: LaunchEnv, backend: str, timeout_minutes: int) -> torch.device:
+def _init_default_group(launch: LaunchEnv, backend: str, timeout_minutes: float) -> torch.device:
     """Initialise the default process group (on CUDA first binding this process to its GPU)."""
     device = torch.device("cpu")
     if backend == "nccl":
@@ -191,7 +191,7 @@ class ParallelContext:
         self._alive = True
 
     @classmethod
-    def from_env(cls, tp: int = 1, backend: str = "auto", timeout_minutes: int = 30) -> "ParallelContext":
+    def from_env(cls, tp: int = 1, backend: str = "auto", timeout_minutes: float = 30) -> "ParallelContext":
         """Build the context from torchrun's/srun's environment (collective over the whole world).
 
         Initialises the default group unless one exists (then it is adopted and left alone by
@@ -356,7 +356,7 @@ class ParallelContext:
 
 # --------------------------------------------------------------------------- megatron-core's state
 
-def _init_megatron(tp: int, timeout_minutes: int) -> dict:
+def _init_megatron(tp: int, timeout_minutes: float) -> dict:
     """Initialise megatron-core's parallel state for `tp`; return its groups after checking their ranks.
 
     Groups use the default group's backend (gloo on CPU, nccl on CUDA). megatron's extra gloo copies

@@ -10,6 +10,12 @@
 #   TORCHRUN_RDZV  the c10d rendezvous arguments for one torchrun per node (LAUNCHER=torchrun)
 # and the functions the scripts call: distill_header, distill_ranks, distill_requeue_on.
 #
+# Several nodes: every node's hostname must resolve, on every node, to an address the other nodes reach
+# (the rendezvous connects to MASTER_ADDR, and gloo binds to the address of the rank's own hostname unless
+# GLOO_SOCKET_IFNAME names an interface). Where hostnames resolve to a management network or loopback,
+# export GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) before sbatch; the job's environment passes it to
+# every rank. The header logs the master's resolved address and every rank's (or torchrun agent's) host.
+#
 # Design choice: ranks are started as one srun task per rank by default (LAUNCHER=srun), because srun
 # passes SIGUSR1 on to every task and returns the tasks' exit status, so the trainer's "saved, requeue
 # me" status 75 reaches the batch script; torchrun (one per node, c10d) turns a worker's 75 into 1. Either
@@ -58,7 +64,9 @@ distill_header() {
   echo "commit $(git -C "$DISTILL_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
        "| python $PYTHON | device $DEVICE | launcher $LAUNCHER"
   echo "layout: nodes ${SLURM_JOB_NUM_NODES:-1} ($SLURM_JOB_NODELIST), ranks ${SLURM_NTASKS:-1}," \
-       "$PROCS_PER_NODE per node, master $MASTER_ADDR:$MASTER_PORT"
+       "$PROCS_PER_NODE per node, master $MASTER_ADDR:$MASTER_PORT" \
+       "($(getent hosts "$MASTER_ADDR" | awk '{print $1; exit}'))" \
+       "${GLOO_SOCKET_IFNAME:+GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME}"
   echo "command: $*"
   if [ "$kind" != - ]; then
     echo "resolved config:"
@@ -81,15 +89,18 @@ distill_config() {
 }
 
 # distill_ranks SCRIPT ARGS...: run launchers/SCRIPT on every rank of the job and return its status.
-# SIGUSR1 and SIGTERM sent to the batch script are passed on to the ranks.
+# SIGUSR1 and SIGTERM sent to the batch script are passed on to the ranks. Each srun task first logs
+# "rank R on HOST" (torchrun: "torchrun node N on HOST"), then execs the launcher in its place.
 distill_ranks() {
   local script=$DISTILL_ROOT/launchers/$1; shift
   if [ "$LAUNCHER" = torchrun ]; then
     srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" \
+      bash -c 'echo "torchrun node $SLURM_NODEID on $(hostname)"; exec "$@"' distill \
       "$PYTHON" -m torch.distributed.run "${TORCHRUN_RDZV[@]}" \
       --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "$script" "$@" &
   else
-    srun --kill-on-bad-exit=1 "$PYTHON" "$script" "$@" &
+    srun --kill-on-bad-exit=1 bash -c 'echo "rank $SLURM_PROCID on $(hostname)"; exec "$@"' distill \
+      "$PYTHON" "$script" "$@" &
   fi
   DISTILL_STEP_PID=$!
   trap 'echo "batch script: got SIGUSR1, passing it on"; DISTILL_SIGNALLED=1; kill -USR1 $DISTILL_STEP_PID' USR1

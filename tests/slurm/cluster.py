@@ -1,9 +1,11 @@
 """A real one-node Slurm cluster on this machine, for testing the project's sbatch scripts.
 
 `SlurmCluster.start(folder)` installs Debian's slurm-wlm and munge when they are missing (apt-get, as
-root), starts munged (unless one runs), slurmctld and slurmd from a slurm.conf written into `folder`
-(this host as the only node, its CPUs, free ports, state and logs in `folder`), and waits until the
-node is idle. Clients find it through SLURM_CONF in `cluster.env`. `stop()` ends the daemons it started.
+root), starts its own munged (socket in `folder`, the machine's key), slurmctld and slurmd from a
+slurm.conf written into `folder` (this host as the only node, its CPUs, free ports, state and logs in
+`folder`), and waits until the node is idle. Clients find it through SLURM_CONF in `cluster.env`.
+`stop()` ends the daemons it started, by pid. Clusters on several network hosts of this machine are
+`MultiNodeCluster` (tests/slurm/multinode_cluster.py).
 
 Design choice: the cluster is a real Slurm with requeue enabled and no accounting, so sbatch, srun,
 scancel --signal and scontrol requeue behave as on a site; jobs are followed with `scontrol show job`
@@ -17,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,68 +47,77 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _munge_running() -> bool:
-    return subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0
-
-
 class SlurmCluster:
     """One controller and one node on this host."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.conf = self.folder / "slurm.conf"
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        # jobs run this interpreter (the checkout under test may have no .venv of its own)
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PYTHON=os.environ.get("PYTHON", sys.executable))
         self.started: list[Path] = []
-        self.munged = False
 
     @classmethod
-    def start(cls, folder: Path) -> SlurmCluster:
-        cluster = cls(folder)
-        cluster._write_conf()
-        cluster._start_munge()
-        for daemon in DAEMONS:
-            subprocess.run([daemon, "-c"] if daemon == "slurmctld" else [daemon], env=cluster.env, check=True,
-                           capture_output=True)
-            cluster.started.append(cluster.folder / f"{daemon}.pid")
-        cluster._wait_idle()
+    def start(cls, folder: Path, **kwargs) -> SlurmCluster:
+        cluster = cls(folder, **kwargs)
+        try:
+            cluster._write_conf()
+            cluster._start_munge()
+            cluster._start_daemons()
+            cluster._wait_idle()
+        except BaseException:
+            cluster.stop()
+            raise
         return cluster
 
+    def _start_daemons(self) -> None:
+        for daemon in DAEMONS:
+            subprocess.run([daemon, "-c"] if daemon == "slurmctld" else [daemon], env=self.env, check=True,
+                           capture_output=True)
+            self.started.append(self.folder / f"{daemon}.pid")
+
+    def _conf_lines(self) -> list[str]:
+        """Every slurm.conf line but the controller's host and the nodes."""
+        f = self.folder
+        return ["ClusterName=distilltest", "SlurmUser=root", "SlurmdUser=root", f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}", "AuthType=auth/munge", f"AuthInfo=socket={f}/munge/munge.socket",
+                f"StateSaveLocation={f}/state", f"SlurmctldPidFile={f}/slurmctld.pid",
+                f"SlurmctldLogFile={f}/log/slurmctld.log", "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+                "MpiDefault=none", "ReturnToService=2", "JobRequeue=1", "MinJobAge=600", "KillWait=30"]
+
     def _write_conf(self) -> None:
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "spool", "log", "munge"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         host, f = socket.gethostname().split(".")[0], self.folder
         self.conf.write_text("\n".join([
-            "ClusterName=distilltest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}", "AuthType=auth/munge",
-            f"StateSaveLocation={f}/state", f"SlurmdSpoolDir={f}/spool", f"SlurmctldPidFile={f}/slurmctld.pid",
-            f"SlurmdPidFile={f}/slurmd.pid", f"SlurmctldLogFile={f}/log/slurmctld.log",
-            f"SlurmdLogFile={f}/log/slurmd.log", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2",
-            "JobRequeue=1", "MinJobAge=600", "KillWait=30",
-            f"NodeName={host} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
+            *self._conf_lines(), f"SlurmctldHost={host}", f"SlurmdSpoolDir={f}/spool", f"SlurmdPidFile={f}/slurmd.pid",
+            f"SlurmdLogFile={f}/log/slurmd.log", f"NodeName={host} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
 
     def _start_munge(self) -> None:
-        if _munge_running():
-            return
-        run_dir = Path("/run/munge")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.chown(run_dir, "munge", "munge")
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", "/usr/sbin/munged"], check=True, capture_output=True)
-        self.munged = True
+        """This cluster's own munged (the machine's key), so that no other cluster's stop() takes it away."""
+        m = self.folder / "munge"
+        m.chmod(0o755)
+        subprocess.run(["munged", "--force", f"--socket={m}/munge.socket", f"--pid-file={m}/munged.pid",
+                        f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"], check=True, capture_output=True)
+        self.started.insert(0, m / "munged.pid")
 
     def _wait_idle(self, timeout: float = 60) -> None:
+        """Wait until every node is idle."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            result = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            if result.stdout.strip() == "idle":
+            result = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            if result.stdout.split() and set(result.stdout.split()) == {"idle"}:
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the Slurm node did not become idle; see {self.folder / 'log'}")
+        raise RuntimeError(f"the Slurm nodes did not become idle; see {self.folder / 'log'}")
 
-    def sbatch(self, script: str, *args: str, options: tuple[str, ...] = (), cwd: Path) -> str:
-        """Submit `script` (relative to `cwd`) with sbatch `options` and script `args`; the job id."""
-        result = subprocess.run(["sbatch", "--parsable", *options, script, *args], cwd=cwd, env=self.env,
+    def sbatch(self, script: str, *args: str, options: tuple[str, ...] = (), cwd: Path, env=None) -> str:
+        """Submit `script` (relative to `cwd`) with sbatch `options` and script `args`, `env` added to the
+        job's environment; the job id."""
+        result = subprocess.run(["sbatch", "--parsable", *options, script, *args], cwd=cwd,
+                                env=dict(self.env, **(env or {})),
                                 capture_output=True, text=True, check=True)
         return result.stdout.strip().split(";")[0]
 
@@ -146,8 +158,6 @@ class SlurmCluster:
         for pid_file in reversed(self.started):
             if pid_file.is_file():
                 _terminate(int(pid_file.read_text()))
-        if self.munged:
-            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
 
 
 def _terminate(pid: int, timeout: float = 10) -> None:

@@ -155,7 +155,7 @@ def test_no_silent_conversions(override, expected):
     ("loss.alpha=1", "loss.alpha: expected in [0, 1), got 1.0"),
     ("loss.chunk_size=0", "loss.chunk_size: expected > 0, got 0"),
     ("parallel.tp=0", "parallel.tp: expected >= 1, got 0"),
-    ("parallel.timeout_minutes=0", "parallel.timeout_minutes: expected > 0, got 0"),
+    ("parallel.timeout_minutes=0", "parallel.timeout_minutes: expected > 0, got 0.0"),
 ])
 def test_out_of_range_values_name_the_range(override, expected):
     assert error_of(RunConfig, overrides=[override]) == "command line: " + expected
