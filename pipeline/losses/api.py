@@ -62,6 +62,7 @@ class _Plan:
         for lo in range(0, x.shape[0], self.chunk):
             rows = slice(lo, lo + self.chunk)
             total += self.chunk_sums(x[rows], None if grad is None else grad[rows], rows)
+        self.settings.scratch.clear()
         return total
 
     def chunk_sums(self, x: Tensor, grad: Tensor | None, rows: slice) -> Tensor:

@@ -66,6 +66,7 @@ class _Fused:
                 grad_h[rows] = g @ w
             if grad_w is not None:
                 grad_w.addmm_(g.t(), h)
+        plan.settings.scratch.clear()
         return total, grad_h, grad_w
 
     def finish_weight_grad(self, grad_w: Tensor | None, weight: Tensor) -> Tensor | None:
