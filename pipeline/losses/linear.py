@@ -14,12 +14,13 @@ weight rows exactly.
 Design choice: the gradients are computed in the forward pass (the default) and backward only
 scales them by the incoming gradient (in place, as `distill_loss` does). The alternative,
 `recompute=True`, saves nothing but the inputs and repeats every block in backward; it pays the
-logits matmul and every exp twice (about 1.5× the time, benchmarks/loss.py `fused_recompute` rows)
-to avoid holding grad_hidden [N, H] and the fp32 grad_W [Vl, H] from forward to backward, which a
-training step allocates anyway; so forward-computed gradients are kept as the default.
+logits matmul and every exp twice (1.1–2.5× the time of the default in benchmarks/loss.py's
+`fused_recompute` rows, a small run under load) and saves the same peak: it only avoids holding
+grad_hidden [N, H] and the fp32 grad_W [Vl, H] from forward to backward, which a training step
+allocates anyway; so forward-computed gradients are the default.
 
 Costs: grad_W is held in fp32 ([Vl, H] fp32, cast to the weight's dtype at the end); bf16 weights
-are copied to fp32 once per call (another [Vl, H] fp32); blocks are as in `distill_loss`'s automatic
+are copied to fp32 once per pass (another [Vl, H] fp32); blocks are as in `distill_loss`'s automatic
 chunk size, so small blocks (16–64 rows at Vl ≈ 128k) make the matmuls narrower than one big one.
 As with a column-parallel output layer, the returned grad_hidden is this rank's part; the caller's
 copy-to-tensor-parallel-region (megatron's, before the output layer) sums it over TP ranks.
