@@ -1,4 +1,5 @@
-"""Vocab-parallel f-divergence distillation losses: the public entry points (logits, or hidden states and the output weight fused) and target kinds."""
+"""Vocab-parallel f-divergence distillation losses: the entry points (on logits, or fused with the output
+layer on hidden states and its weight) and the target kinds."""
 from pipeline.losses.api import DistillOutput, distill_loss
 from pipeline.losses.divergences import DIVERGENCES, LOGP_FLOOR, LossInputError
 from pipeline.losses.linear import distill_linear_loss

@@ -7,10 +7,11 @@ divergence, ΣW and the top-1 flag). The divergence is exact over the full vocab
 Cost, in passes over the chunk: each side's exponentials are computed once and shared by the
 normaliser, the divergence and the gradient (the student's live in the gradient buffer and become
 the gradient in place: g = e_z·a + kd·W, with the temperature-1 softmax of the CE part folded into
-the scalar a when T = 1). Forward KL, the common case, has its own path: Σ p·log(p/q) is a dot product of
-the teacher's exponentials with t − z − c per row (summed pairwise: a BLAS dot loses 1e-6 relative), and W = −p is those exponentials scaled, so it
-takes about a dozen passes where the per-outcome formulas take twice that (rows whose teacher has
-−inf logits, 0·inf there, are redone with the masked formula). The other divergences go through the
+the scalar a when T = 1). Forward KL, the common case, has its own path: Σ p·log(p/q) is the
+teacher's exponentials times t − z − c, summed per row (pairwise: a BLAS dot loses 1e-6 relative),
+and W = −p is those exponentials scaled, so it takes about a dozen passes where the per-outcome
+formulas take twice that (rows whose teacher has −inf logits, 0·inf there, are redone with the
+masked formula). The other divergences go through the
 per-outcome formulas of divergences.py. Chunk-sized temporaries live in the call's Scratch, reused
 by every chunk, since allocating them afresh per chunk costs more than their arithmetic on CPU.
 """
@@ -93,7 +94,7 @@ def _kl_rows(z, t, exp_t, tops, sums, cfg: Settings) -> Tensor:
     """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference."""
     c = (tops[:, 1] + sums[:, 1].log()) - (tops[:, 0] + sums[:, 0].log())
     diff = torch.sub(t, z, out=cfg.scratch.get("diff", t, cfg.dtype)).sub_(c.unsqueeze(-1))
-    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise sum: a dot product here loses ~1e-6
+    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise sum; a dot product loses ~1e-6
     redo = rows.isnan().nonzero().squeeze(-1)
     if redo.numel():  # 0·(−inf) where the teacher gives an id no mass: the masked formula there
         log_p = t[redo] - (tops[redo, 1] + sums[redo, 1].log()).unsqueeze(-1)
