@@ -94,7 +94,7 @@ def _kl_rows(z, t, exp_t, tops, sums, cfg: Settings) -> Tensor:
     """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference."""
     c = (tops[:, 1] + sums[:, 1].log()) - (tops[:, 0] + sums[:, 0].log())
     diff = torch.sub(t, z, out=cfg.scratch.get("diff", t, cfg.dtype)).sub_(c.unsqueeze(-1))
-    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise sum; a dot product loses ~1e-6
+    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise; a dot loses ~1e-6
     redo = rows.isnan().nonzero().squeeze(-1)
     if redo.numel():  # 0·(−inf) where the teacher gives an id no mass: the masked formula there
         log_p = t[redo] - (tops[redo, 1] + sums[redo, 1].log()).unsqueeze(-1)
