@@ -5,7 +5,16 @@ the divergence with autograd) and megatron-core's vocab_parallel_cross_entropy. 
 runs in fresh processes (tp of them, gloo) so peak memory is not inherited; peak extra memory is the
 rise of the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above the
 level after the inputs exist, as a multiple of this rank's logits, from the first run in each
-process. Times are the median of --repeats runs after that first one. Run: .venv/bin/python benchmarks/loss.py [--tokens 8192]
+process. Times are the median of --repeats runs after that first one.
+
+The fused section times distill_linear_loss (hidden [N, H] and this rank's weight slice [Vl, H] in,
+gradients for both out) against the unfused path on the same inputs (logits = hidden @ weightᵀ, then
+distill_loss, backward through the matmul), with the gradients computed in forward (`fused`) or
+recomputed in backward (`fused_recompute`); peak extra memory is above the inputs (hidden, weight,
+targets) and is given as a multiple of this rank's fp32 logits [N, Vl], which the fused path never
+allocates. For hard labels (divergence ce) it adds torch.nn.functional.linear_cross_entropy with its
+chunked options at tp = 1 (it is not vocabulary-parallel), where this torch has it.
+Run: .venv/bin/python benchmarks/loss.py [--tokens 8192] [--sections unfused fused] [--hidden 1024]
 """
 from __future__ import annotations
 
@@ -91,10 +100,72 @@ def megatron_ce(inputs, group, kind):
     return x
 
 
-METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce}
+def make_linear_inputs(tokens, vocab, hidden, tp, tp_rank, kind, dtype=torch.float32, k=32):
+    """Hidden states (the same on every rank), this rank's weight slice, and the targets of `kind`."""
+    gen = torch.Generator().manual_seed(4321)
+    local = vocab // tp
+    inputs = {"hidden": torch.randn(tokens, hidden, generator=gen).to(dtype),
+              "weight": (torch.randn(local, hidden, generator=torch.Generator().manual_seed(77 + tp_rank))
+                         * (2 / hidden**0.5)).to(dtype)}
+    targets = make_inputs(tokens, vocab, tp, tp_rank, "sparse" if kind == "labels" else kind, dtype, k)
+    del targets["student"]
+    inputs.update(targets)
+    return inputs
 
 
-def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
+def _linear_call(inputs, group, kind, fn):
+    from pipeline.losses import DenseTargets, SparseTargets
+    h, w = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_()
+    if kind == "labels":
+        out = fn(h, w, None, divergence="ce", labels=inputs["labels"], tp_group=group)
+    else:
+        targets = DenseTargets(inputs["teacher"]) if kind == "dense" else \
+            SparseTargets(inputs["ids"], inputs["logp"], inputs["log_rest"])
+        out = fn(h, w, targets, divergence="kl", tp_group=group)
+    out.loss.backward()
+    return h
+
+
+def unfused(inputs, group, kind):
+    from pipeline.losses import distill_loss
+    return _linear_call(inputs, group, kind, lambda h, w, t, **kw: distill_loss(h @ w.T, t, **kw))
+
+
+def fused(inputs, group, kind, recompute=False):
+    from pipeline.losses import distill_linear_loss
+    return _linear_call(inputs, group, kind, lambda h, w, t, **kw: distill_linear_loss(h, w, t, recompute=recompute,
+                                                                                       **kw))
+
+
+def fused_recompute(inputs, group, kind):
+    return fused(inputs, group, kind, recompute=True)
+
+
+def torch_lce(inputs, group, kind):
+    import torch.nn.functional as F
+    h, w = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_()
+    F.linear_cross_entropy(h, w, inputs["labels"], options=torch.nn.LinearCrossEntropyOptions()).backward()
+    return h
+
+
+METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce, "unfused": unfused, "fused": fused,
+           "fused_recompute": fused_recompute, "torch_lce": torch_lce}
+LINEAR_METHODS = ("unfused", "fused", "fused_recompute", "torch_lce")
+
+
+def has_torch_lce() -> bool:
+    return hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0):
     """Peak memory from the first run (a fresh process: nothing freed yet to blur the base), then
     the median time of `repeats` further runs."""
     import megatron.core.tensor_parallel  # noqa: F401 - imported before measuring, not during
@@ -105,8 +176,12 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype):
     group = ctx.tp_group if world > 1 else None
     times, peak = [], 0.0
     for i in range(repeats + 1):
-        inputs = make_inputs(tokens, vocab, world, rank, kind, dtype)
-        logits_bytes = inputs["student"].numel() * inputs["student"].element_size()
+        if method in LINEAR_METHODS:
+            inputs = make_linear_inputs(tokens, vocab, hidden, world, rank, kind, dtype)
+            logits_bytes = tokens * (vocab // world) * 4
+        else:
+            inputs = make_inputs(tokens, vocab, world, rank, kind, dtype)
+            logits_bytes = inputs["student"].numel() * inputs["student"].element_size()
         base = rss_bytes()
         reset_peak()
         dist.barrier()
@@ -128,25 +203,14 @@ def naive_fits(tokens, vocab, kind, tp) -> bool:
     return per_rank * tp < MEMORY_BUDGET
 
 
-def measure(tokens, vocab, tp, kind, method, repeats, dtype):
+def measure(tokens, vocab, tp, kind, method, repeats, dtype, hidden=0):
     if method == "naive" and not naive_fits(tokens, vocab, kind, tp):
         return None
-    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, timeout_s=1800)
+    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, hidden, timeout_s=1800)
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the logits' dtype")
-    parser.add_argument("--methods", nargs="+", choices=["ours", "naive"], default=["ours", "naive"])
-    parser.add_argument("--targets", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    print(f"N={args.tokens} tokens, {args.dtype} logits, forward KL, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+def unfused_section(args, dtype) -> None:
     print("| V | tp | targets | method | fwd+bwd s | time / megatron CE | peak extra / logits |")
     print("|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
@@ -162,6 +226,54 @@ def main(argv=None) -> None:
                     else:
                         print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / ce_time:.2f} "
                               f"| {got[1]:.2f} |", flush=True)
+
+
+def fused_section(args, dtype) -> None:
+    print(f"\nFused output layer: H={args.hidden}; time and memory against the unfused path (logits = hidden @ Wᵀ, "
+          "then distill_loss) on the same inputs; hard labels also against torch's linear_cross_entropy (tp 1)")
+    if not has_torch_lce():
+        print(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy: those rows are skipped")
+    print("| V | tp | targets | method | fwd+bwd s | time / unfused | peak extra / logits | time / torch LCE "
+          "| memory / torch LCE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for vocab in args.vocab:
+        for tp in args.tp:
+            for kind in args.targets + ["labels"]:
+                label = {"sparse": "sparse K=32", "dense": "dense", "labels": "hard labels (ce)"}[kind]
+                base = measure(args.tokens, vocab, tp, kind, "unfused", args.repeats, dtype, args.hidden)
+                lce = None
+                if kind == "labels" and tp == 1 and has_torch_lce():
+                    lce = measure(args.tokens, vocab, tp, kind, "torch_lce", args.repeats, dtype, args.hidden)
+                    print(f"| {vocab} | {tp} | {label} | torch_lce | {lce[0]:.3f} | {lce[0] / base[0]:.2f} "
+                          f"| {lce[1]:.2f} | 1.00 | 1.00 |", flush=True)
+                print(f"| {vocab} | {tp} | {label} | unfused | {base[0]:.3f} | 1.00 | {base[1]:.2f} | | |", flush=True)
+                for method in ("fused", "fused_recompute"):
+                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype, args.hidden)
+                    vs_lce = f"{got[0] / lce[0]:.2f} | {got[1] / max(lce[1], 1e-9):.2f}" if lce else " | "
+                    print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / base[0]:.2f} "
+                          f"| {got[1]:.2f} | {vs_lce} |", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the logits' dtype")
+    parser.add_argument("--methods", nargs="+", choices=["ours", "naive"], default=["ours", "naive"])
+    parser.add_argument("--targets", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
+    parser.add_argument("--sections", nargs="+", choices=["unfused", "fused"], default=["unfused", "fused"],
+                        help="unfused: distill_loss on logits vs megatron CE and naive; fused: distill_linear_loss")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size H of the fused section")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    print(f"N={args.tokens} tokens, {args.dtype} inputs, forward KL, {cpu_model()}, {torch.get_num_threads()} CPU "
+          f"threads, torch {torch.__version__}")
+    if "unfused" in args.sections:
+        unfused_section(args, dtype)
+    if "fused" in args.sections:
+        fused_section(args, dtype)
 
 
 if __name__ == "__main__":

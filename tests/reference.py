@@ -222,3 +222,18 @@ def assert_matches_reference(case, per_rank: list[dict]) -> None:
     scale = student.grad.abs().max().item()
     torch.testing.assert_close(grad, student.grad, rtol=1e-5, atol=1e-5 * scale)
     assert grad[:, case.vocab:].abs().max() == 0, "padded vocabulary entries must get no gradient"
+
+
+def linear_inputs(case: Case, hidden_size: int = 16, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N, H] and an output weight [padded_vocab, H] whose logits are about as spread as a case's."""
+    gen = torch.Generator().manual_seed(1000 + case.seed)
+    hidden = torch.randn(case.tokens, hidden_size, generator=gen)
+    weight = torch.randn(case.padded_vocab, hidden_size, generator=gen) * (1.5 / hidden_size**0.5)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def loss_kwargs(case: Case, inputs: dict, group=None, chunk_size=None) -> dict:
+    """The keyword arguments of one case's loss call (either entry point)."""
+    return dict(divergence=case.divergence, tp_group=group, temperature=case.temperature,
+                labels=inputs["labels"] if uses_labels(case) else None, loss_mask=inputs["mask"],
+                ce_weight=case.ce_weight, vocab_size=case.vocab, chunk_size=chunk_size, **dict(case.params))

@@ -61,16 +61,18 @@ class _Plan:
         total = torch.zeros(3, dtype=self.settings.dtype, device=x.device)
         for lo in range(0, x.shape[0], self.chunk):
             rows = slice(lo, lo + self.chunk)
-            labels = None if self.labels is None else self.labels[rows]
-            chunk_grad = None if grad is None else grad[rows]
-            if self.dense is not None:
-                total += dense_chunk(x[rows], chunk_grad, self.dense[rows], labels, self.weights[rows],
-                                     self.shard, self.settings)
-            else:
-                ids, logp, log_rest, mode = self.sparse
-                total += sparse_chunk(x[rows], chunk_grad, ids[rows], logp[rows], log_rest[rows], mode, labels,
-                                      self.weights[rows], self.shard, self.settings)
+            total += self.chunk_sums(x[rows], None if grad is None else grad[rows], rows)
+        self.settings.scratch.clear()
         return total
+
+    def chunk_sums(self, x: Tensor, grad: Tensor | None, rows: slice) -> Tensor:
+        """[3] loss sums of the rows `rows` whose logits are x [C, Vl]; their gradient into `grad` if given."""
+        labels = None if self.labels is None else self.labels[rows]
+        if self.dense is not None:
+            return dense_chunk(x, grad, self.dense[rows], labels, self.weights[rows], self.shard, self.settings)
+        ids, logp, log_rest, mode = self.sparse
+        return sparse_chunk(x, grad, ids[rows], logp[rows], log_rest[rows], mode, labels, self.weights[rows],
+                            self.shard, self.settings)
 
 
 class _DistillLoss(torch.autograd.Function):
@@ -104,17 +106,30 @@ def distill_loss(student_logits: Tensor, targets, *, divergence: str, tp_group=N
     divergence: kl, rkl, js (beta), tvd, skew_kl (alpha), skew_rkl (alpha) or ce.
     Positions with loss_mask 0 or label −100 count nowhere. The result is the same on every TP rank.
     """
+    tg.check_student(student_logits)
+    plan, count, scale = build_plan(student_logits, student_logits.device, targets, divergence=divergence,
+                                    tp_group=tp_group, temperature=temperature, labels=labels, loss_mask=loss_mask,
+                                    ce_weight=ce_weight, chunk_size=chunk_size, vocab_size=vocab_size,
+                                    divergence_params=divergence_params)
+    loss = _DistillLoss.apply(student_logits, plan, scale)
+    return output(loss, plan, count, scale)
+
+
+def build_plan(student: Tensor, device, targets, *, divergence, tp_group, temperature, labels, loss_mask, ce_weight,
+               chunk_size, vocab_size, divergence_params) -> tuple[_Plan, int, float]:
+    """Validate one call and flatten it to a plan: (plan, positions that count, 1/count).
+
+    `student` supplies only the logits' shape and dtype (a meta tensor will do); `device` is where they live.
+    """
     div, params = resolve_divergence(divergence, divergence_params)
     _check_scalars(temperature, ce_weight, chunk_size)
-    tg.check_student(student_logits)
-    lead, local = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    lead, local = tuple(student.shape[:-1]), student.shape[-1]
     shard = Shard.of(local, vocab_size, tp_group)
     ce_weight = 1.0 if div.name == "ce" else float(ce_weight)
-    valid = _valid_positions(lead, labels, loss_mask, student_logits.device, shard.vocab_size,
-                             needs_labels=ce_weight > 0)
-    dense, sparse = _prepare_targets(targets, div, student_logits, shard.vocab_size, temperature, valid)
+    valid = _valid_positions(lead, labels, loss_mask, device, shard.vocab_size, needs_labels=ce_weight > 0)
+    dense, sparse = _prepare_targets(targets, div, student, shard.vocab_size, temperature, valid)
     shard.check_agreement([math.prod(lead), local, 0 if sparse is None else sparse[0].shape[-1], shard.vocab_size])
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    dtype = torch.promote_types(student.dtype, torch.float32)
     kd_weight = 0.0 if div.name == "ce" else 1.0 - ce_weight
     settings = Settings(div, params, float(temperature), kd_weight, ce_weight, dtype)
     count = int(valid.sum())
@@ -123,8 +138,7 @@ def distill_loss(student_logits: Tensor, targets, *, divergence: str, tp_group=N
     plan = _Plan(settings, shard, chunk_size or _auto_chunk(math.prod(lead), local, dtype, dense is not None),
                  valid.reshape(-1, 1).to(dtype) * per_row,
                  None if labels is None else labels.reshape(-1), dense=dense, sparse=sparse)
-    loss = _DistillLoss.apply(student_logits, plan, scale)
-    return _output(loss, plan, count, scale)
+    return plan, count, scale
 
 
 def _check_scalars(temperature, ce_weight, chunk_size) -> None:
@@ -217,7 +231,8 @@ def _auto_chunk(rows: int, local: int, dtype: torch.dtype, dense: bool) -> int:
     return min(by_bytes, by_share)
 
 
-def _output(loss: Tensor, plan: _Plan, count: int, scale: float) -> DistillOutput:
+def output(loss: Tensor, plan: _Plan, count: int, scale: float) -> DistillOutput:
+    """The DistillOutput of a finished plan (its sums filled in) and the differentiable loss."""
     sums = plan.sums.detach()
     kd = plan.settings.temperature**2 * sums[0] * scale
     ce = sums[1] * scale

@@ -2,8 +2,18 @@
 
 Per chunk: one MAX all-reduce of [C, 2] (student and teacher maxima), one SUM all-reduce of [C, 4]
 (both exp-sums, the label logit, the temperature-1 exp-sum) and one SUM all-reduce of [C, 3] (the
-divergence, ΣW and the top-1 flag). The divergence is exact over the full vocabulary; the cost is
-about ten chunk-sized fp32 temporaries, which the automatic chunk size accounts for.
+divergence, ΣW and the top-1 flag). The divergence is exact over the full vocabulary.
+
+Cost, in passes over the chunk: each side's exponentials are computed once and shared by the
+normaliser, the divergence and the gradient (the student's live in the gradient buffer and become
+the gradient in place: g = e_z·a + kd·W, with the temperature-1 softmax of the CE part folded into
+the scalar a when T = 1). Forward KL, the common case, has its own path: Σ p·log(p/q) is the
+teacher's exponentials times t − z − c, summed per row (pairwise: a BLAS dot loses 1e-6 relative),
+and W = −p is those exponentials scaled, so it takes about a dozen passes where the per-outcome
+formulas take twice that (rows whose teacher has −inf logits, 0·inf there, are redone with the
+masked formula). The other divergences go through the
+per-outcome formulas of divergences.py. Chunk-sized temporaries live in the call's Scratch, reused
+by every chunk, since allocating them afresh per chunk costs more than their arithmetic on CPU.
 """
 from __future__ import annotations
 
@@ -20,50 +30,77 @@ def dense_chunk(x, grad, teacher, labels, weights, shard: Shard, cfg: Settings) 
     Same contract as `sparse_chunk`: returns [3] = Σ divergence, Σ cross-entropy, Σ top-1 agreement.
     """
     temp, width = cfg.temperature, shard.width
-    xf = x[:, :width].to(cfg.dtype)
-    z = xf / temp if temp != 1.0 else xf
-    t = teacher[:, :width].to(cfg.dtype)
-    t = t / temp if temp != 1.0 else t
-    tops = all_reduce(torch.stack([row_max(z), row_max(t)], dim=-1), "max", shard.group)
+    xf = _compute_copy("x", x[:, :width], 1.0, cfg)
+    z = _compute_copy("z", xf, temp, cfg) if temp != 1.0 else xf
+    t = _compute_copy("t", teacher[:, :width], temp, cfg)
+    t_local, t_best = _max_and_argmax(t)
+    tops = all_reduce(torch.stack([row_max(z), t_local], dim=-1), "max", shard.group)
     z_top, t_top = tops[:, 0], tops[:, 1]
-    exp_z = (z - z_top.unsqueeze(-1)).exp_()
-    sums = [exp_z.sum(dim=-1), (t - t_top.unsqueeze(-1)).exp_().sum(dim=-1)]
-    label_rc = None
+    direct = grad is not None and grad.dtype == cfg.dtype
+    exp_z = grad[:, :width] if direct else cfg.scratch.get("exp_z", z, cfg.dtype)
+    torch.sub(z, z_top.unsqueeze(-1), out=exp_z).exp_()
+    exp_t = torch.sub(t, t_top.unsqueeze(-1), out=cfg.scratch.get("exp_t", t, cfg.dtype)).exp_()
+    local_st = exp_t.sum(dim=-1)
+    sums, label_rc, exp_x = [exp_z.sum(dim=-1), local_st], None, None
     if labels is not None:
         x_label, label_rc = label_logits(xf, labels, shard)
-        sum_x = (xf - (z_top * temp).unsqueeze(-1)).exp_().sum(dim=-1) if temp != 1.0 else torch.zeros_like(z_top)
-        sums += [x_label, sum_x]
+        if temp != 1.0:
+            exp_x = torch.sub(xf, (z_top * temp).unsqueeze(-1), out=cfg.scratch.get("exp_x", xf, cfg.dtype)).exp_()
+        sums += [x_label, exp_x.sum(dim=-1) if exp_x is not None else torch.zeros_like(z_top)]
     sums = all_reduce(torch.stack(sums, dim=-1), "sum", shard.group)
-    log_sz = sums[:, 0].log()
-    log_q = z - (z_top + log_sz).unsqueeze(-1)
-    agree = _local_agreement(z, t, z_top, t_top)
+    agree = (t_local == t_top) & (z.gather(-1, t_best.unsqueeze(-1)).squeeze(-1) == z_top) if width else t_local > 0
     parts = [torch.zeros_like(z_top), torch.zeros_like(z_top), agree.to(cfg.dtype)]
     w = None
-    if cfg.has_divergence:
+    if cfg.divergence.name == "kl":
+        parts[:2] = [_kl_rows(z, t, exp_t, tops, sums, cfg), -local_st / sums[:, 1]]
+    elif cfg.has_divergence:
+        log_q = z - (z_top + sums[:, 0].log()).unsqueeze(-1)
         log_p = t - (t_top + sums[:, 1].log()).unsqueeze(-1)
         terms, w = outcome_terms(cfg.divergence, cfg.params, log_p, log_q)
         parts[:2] = [terms.sum(dim=-1), w.sum(dim=-1)]
     parts = all_reduce(torch.stack(parts, dim=-1), "sum", shard.group)
-    log_sx = _log_partition_t1(labels, temp, log_sz, z_top, sums)
+    log_sx = _log_partition_t1(labels, temp, sums[:, 0].log(), z_top, sums)
     ce = log_sx - sums[:, 2] if log_sx is not None else torch.zeros_like(z_top)
     counted = weights[:, 0].ne(0) | weights[:, 1].ne(0)
     if grad is not None:
-        _write_grad(grad, exp_z, log_sz, w, parts[:, 1], xf, log_sx, label_rc, weights, counted, shard)
+        w_scale = weights[:, 0:1]
+        if cfg.divergence.name == "kl":  # W = −p = −exp_t/S_t: the exponentials, scaled in the same pass
+            w, w_scale = exp_t, w_scale * (-1.0 / sums[:, 1:2])
+        _write_grad(grad, exp_z, direct, (w, w_scale), parts[:, 1], sums, exp_x, label_rc, weights, counted, shard,
+                    temp)
     zero = torch.zeros_like(z_top)
     return torch.stack([torch.where(counted, parts[:, 0], zero).sum(), torch.where(counted, ce, zero).sum(),
                         (counted & parts[:, 2].gt(0)).sum().to(cfg.dtype)])
 
 
-def _local_agreement(z: Tensor, t: Tensor, z_top: Tensor, t_top: Tensor) -> Tensor:
-    """Whether this rank holds the teacher's global argmax and the student's global max sits there.
+def _compute_copy(name: str, values: Tensor, temp: float, cfg: Settings) -> Tensor:
+    """values/temp in the compute dtype: `values` itself when nothing changes, else a scratch buffer."""
+    if values.dtype == cfg.dtype and temp == 1.0:
+        return values
+    out = cfg.scratch.get(name, values, cfg.dtype)
+    out.copy_(values)
+    return out.div_(temp) if temp != 1.0 else out
 
-    Summed over ranks it says whether student and teacher agree on the top token (ties aside).
-    """
+
+def _max_and_argmax(t: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's row maxima (−inf for an empty shard) and where they sit, in one pass."""
     if t.shape[-1] == 0:
-        return torch.zeros_like(z_top, dtype=torch.bool)
-    local_best = t.argmax(dim=-1, keepdim=True)
-    holds_teacher_top = t.gather(-1, local_best).squeeze(-1) == t_top
-    return holds_teacher_top & (z.gather(-1, local_best).squeeze(-1) == z_top)
+        return row_max(t), torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
+    best = t.max(dim=-1)
+    return best.values, best.indices
+
+
+def _kl_rows(z, t, exp_t, tops, sums, cfg: Settings) -> Tensor:
+    """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference."""
+    c = (tops[:, 1] + sums[:, 1].log()) - (tops[:, 0] + sums[:, 0].log())
+    diff = torch.sub(t, z, out=cfg.scratch.get("diff", t, cfg.dtype)).sub_(c.unsqueeze(-1))
+    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise; a dot loses ~1e-6
+    redo = rows.isnan().nonzero().squeeze(-1)
+    if redo.numel():  # 0·(−inf) where the teacher gives an id no mass: the masked formula there
+        log_p = t[redo] - (tops[redo, 1] + sums[redo, 1].log()).unsqueeze(-1)
+        log_q = z[redo] - (tops[redo, 0] + sums[redo, 0].log()).unsqueeze(-1)
+        rows[redo] = outcome_terms(cfg.divergence, cfg.params, log_p, log_q)[0].sum(dim=-1)
+    return rows
 
 
 def _log_partition_t1(labels, temp, log_sz, z_top, sums):
@@ -73,21 +110,23 @@ def _log_partition_t1(labels, temp, log_sz, z_top, sums):
     return log_sz + z_top if temp == 1.0 else sums[:, 3].log() + z_top * temp
 
 
-def _write_grad(grad, exp_z, log_sz, w, sum_w, xf, log_sx, label_rc, weights, counted, shard) -> None:
+def _write_grad(grad, exp_z, direct, scaled_w, sum_w, sums, exp_x, label_rc, weights, counted, shard, temp) -> None:
     """grad = kd·(W − q·ΣW) + ce·(softmax(x) − onehot(label)), rows that do not count zeroed.
 
-    Written straight into the gradient buffer when its dtype is the compute dtype (no copy pass).
+    Built in place over the student's exponentials: q = e_z/S_z, so g = e_z·(ce·[T=1] − kd·ΣW)/S_z + kd·W,
+    plus ce·e_x/S_x (the temperature-1 softmax) when T ≠ 1. `scaled_w` is (w, s) with s·w = kd·W.
     """
     kd, ce = weights[:, 0:1], weights[:, 1:2]
-    direct = grad.dtype == exp_z.dtype
-    g = grad[:, : shard.width] if direct else torch.empty_like(exp_z)
+    w, w_scale = scaled_w
+    coef = -kd * sum_w.unsqueeze(-1) if w is not None else torch.zeros_like(kd)
+    if label_rc is not None and temp == 1.0:
+        coef = coef + ce
+    g = exp_z.mul_(coef / sums[:, 0:1])
     if w is not None:
-        q_scale = (-log_sz).exp().unsqueeze(-1) * sum_w.unsqueeze(-1)
-        torch.addcmul(w, exp_z, -q_scale, out=g).mul_(kd)
-    else:
-        g.zero_()
-    if log_sx is not None and ce.any():
-        g.add_((xf - log_sx.unsqueeze(-1)).exp_().mul_(ce))
+        g.addcmul_(w, w_scale)
+    if label_rc is not None:
+        if exp_x is not None and ce.any():
+            g.addcmul_(exp_x, ce / sums[:, 3:4])
         rows, cols = label_rc
         g.index_put_((rows, cols), -ce[rows, 0], accumulate=True)
     if not counted.all():

@@ -7,7 +7,7 @@ vocabulary size are padding and are sliced away before any arithmetic, so they n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -60,9 +60,33 @@ class Shard:
                                  f"this rank has {numbers}, the group spans {lows.tolist()}..{highs.tolist()}")
 
 
+class Scratch:
+    """Chunk-sized buffers reused by every chunk of one call.
+
+    A fresh vocabulary-sized temporary per chunk costs more than its arithmetic on CPU (the allocator
+    returns large blocks to the OS, so every chunk page-faults them in again); reusing them keeps the
+    same peak (one chunk's temporaries) and pays that once per call. `clear` frees them.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """An uninitialised [rows, cols] tensor of `dtype` on `like`'s device and of its 2-D shape."""
+        rows, cols = like.shape
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype \
+                or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(rows, cols, dtype=dtype, device=like.device)
+        return buf[:rows]
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The per-call constants every chunk needs."""
+    """The per-call constants every chunk needs (and the call's reusable chunk buffers)."""
 
     divergence: Divergence
     params: dict
@@ -70,6 +94,7 @@ class Settings:
     kd_weight: float
     ce_weight: float
     dtype: torch.dtype
+    scratch: Scratch = field(default_factory=Scratch, compare=False, repr=False)
 
     @property
     def has_divergence(self) -> bool:

@@ -1,0 +1,147 @@
+"""`distill_linear_loss`: the output layer fused into `distill_loss`, so the logits never exist whole.
+
+It takes this rank's hidden states [N, H] (or [B, S, H]) and its vocabulary slice of the output
+weight [Vl, H], and works in blocks of tokens: a block's logits are `h_block @ Wᵀ` (one [C, Vl]
+buffer, accumulated in fp32, or float64 for float64 inputs), the dense or sparse chunk kernel of
+`distill_loss` turns them into the block's loss sums and logits gradient g (a second [C, Vl] buffer),
+and g is folded at once into grad_hidden[block] = g·W and grad_W += gᵀ·h_block (both accumulated
+in fp32). So the only vocabulary-sized memory is two [C, Vl] buffers and the kernel's chunk
+temporaries, whatever N: no [N, Vl] logits, no [N, Vl] gradient, no all-gather of the vocabulary
+(the collectives are the chunk kernels' per-row ones). Student logits at the teacher's K ids are
+read from the block's logits row, which exists anyway, so they equal the dot products with the K
+weight rows exactly.
+
+Design choice: the gradients are computed in the forward pass (the default) and backward only
+scales them by the incoming gradient (in place, as `distill_loss` does). The alternative,
+`recompute=True`, saves nothing but the inputs and repeats every block in backward; it pays the
+logits matmul and every exp twice (1.1–2.5× the time of the default in benchmarks/loss.py's
+`fused_recompute` rows, a small run under load) and saves the same peak: it only avoids holding
+grad_hidden [N, H] and the fp32 grad_W [Vl, H] from forward to backward, which a training step
+allocates anyway; so forward-computed gradients are the default.
+
+Costs: grad_W is held in fp32 ([Vl, H] fp32, cast to the weight's dtype at the end); bf16 weights
+are copied to fp32 once per pass (another [Vl, H] fp32); blocks are as in `distill_loss`'s automatic
+chunk size, so small blocks (16–64 rows at Vl ≈ 128k) make the matmuls narrower than one big one.
+As with a column-parallel output layer, the returned grad_hidden is this rank's part; the caller's
+copy-to-tensor-parallel-region (megatron's, before the output layer) sums it over TP ranks.
+Ids ≥ vocab_size in the last rank's slice (padding rows of the weight) get no logits and a zero
+gradient. Double backward is not supported.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from pipeline.losses.api import DistillOutput, _Plan, build_plan, output
+from pipeline.losses.divergences import LossInputError
+
+
+class _Fused:
+    """One call's blocks: logits per token block, the chunk kernel, and the fold into both gradients."""
+
+    def __init__(self, plan: _Plan, hidden: Tensor, weight: Tensor):
+        self.plan, self.dtype = plan, plan.settings.dtype
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.weight = weight[: plan.shard.width]  # padding rows never enter the arithmetic
+
+    def run(self, want_hidden: bool, want_weight: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(sums [3], grad_hidden in the hidden's dtype or None, grad_weight in fp32 or None)."""
+        plan, dtype, hidden = self.plan, self.dtype, self.hidden
+        w = self.weight.detach().to(dtype)
+        rows_total, width = hidden.shape[0], w.shape[0]
+        any_grad = want_hidden or want_weight
+        grad_h = torch.empty_like(hidden) if want_hidden else None
+        grad_w = torch.zeros(self.weight.shape[0], hidden.shape[1], dtype=dtype, device=hidden.device) \
+            if want_weight else None
+        logits = torch.empty(min(plan.chunk, rows_total), width, dtype=dtype, device=hidden.device)
+        grad = torch.empty_like(logits) if any_grad else None
+        total = torch.zeros(3, dtype=dtype, device=hidden.device)
+        for lo in range(0, rows_total, plan.chunk):
+            rows = slice(lo, min(lo + plan.chunk, rows_total))
+            h = hidden[rows].detach().to(dtype)
+            x = torch.mm(h, w.t(), out=logits[: h.shape[0]])
+            g = None if grad is None else grad[: h.shape[0]]
+            total += plan.chunk_sums(x, g, rows)
+            if grad_h is not None:
+                grad_h[rows] = g @ w
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+        plan.settings.scratch.clear()
+        return total, grad_h, grad_w
+
+    def finish_weight_grad(self, grad_w: Tensor | None, weight: Tensor) -> Tensor | None:
+        """The fp32 [width, H] accumulator as a gradient of the full weight (padding rows 0), in its dtype."""
+        if grad_w is None:
+            return None
+        if weight.shape[0] != grad_w.shape[0]:
+            grad_w = torch.cat([grad_w, grad_w.new_zeros(weight.shape[0] - grad_w.shape[0], grad_w.shape[1])])
+        return grad_w.to(weight.dtype)
+
+
+class _LinearDistillLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, plan: _Plan, scale: float, recompute: bool) -> Tensor:
+        fused = _Fused(plan, hidden, weight)
+        want = (False, False) if recompute else (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        plan.sums, grad_h, grad_w = fused.run(*want)
+        ctx.recompute, ctx.plan = recompute, plan if recompute else None
+        if recompute:
+            ctx.save_for_backward(hidden, weight)
+        else:
+            ctx.save_for_backward(None if grad_h is None else grad_h.view(hidden.shape),
+                                  fused.finish_weight_grad(grad_w, weight))
+        cfg = plan.settings
+        return (cfg.kd_weight * cfg.temperature**2 * plan.sums[0] + cfg.ce_weight * plan.sums[1]) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        if ctx.recompute:
+            hidden, weight = ctx.saved_tensors
+            fused = _Fused(ctx.plan, hidden, weight)
+            _, grad_h, grad_w = fused.run(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            grads = [None if grad_h is None else grad_h.view(hidden.shape), fused.finish_weight_grad(grad_w, weight)]
+        else:
+            grads = list(ctx.saved_tensors)
+        if not bool(grad_output == 1):
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
+        return grads[0], grads[1], None, None, None
+
+
+def distill_linear_loss(hidden: Tensor, weight: Tensor, targets, *, divergence: str, tp_group=None,
+                        temperature: float = 1.0, labels: Tensor | None = None, loss_mask: Tensor | None = None,
+                        ce_weight: float = 0.0, chunk_size: int | None = None, vocab_size: int | None = None,
+                        recompute: bool = False, **divergence_params) -> DistillOutput:
+    """`distill_loss(hidden @ weight.T, targets, ...)` without materialising the logits.
+
+    hidden: [..., H] final hidden states (the same on every TP rank), any float dtype.
+    weight: [Vl, H] this TP rank's contiguous vocabulary slice of the output weight (tied embeddings:
+    pass the embedding Parameter itself; its gradient accumulates from both uses).
+    recompute: compute the gradients in backward by repeating the blocks instead of in forward.
+    Every other argument, the result and the metrics are those of `distill_loss`.
+    """
+    _check_inputs(hidden, weight)
+    logits_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    student = torch.empty(tuple(hidden.shape[:-1]) + (weight.shape[0],), dtype=logits_dtype, device="meta")
+    plan, count, scale = build_plan(student, hidden.device, targets, divergence=divergence, tp_group=tp_group,
+                                    temperature=temperature, labels=labels, loss_mask=loss_mask, ce_weight=ce_weight,
+                                    chunk_size=chunk_size, vocab_size=vocab_size, divergence_params=divergence_params)
+    loss = _LinearDistillLoss.apply(hidden, weight, plan, scale, bool(recompute))
+    return output(loss, plan, count, scale)
+
+
+def _check_inputs(hidden, weight) -> None:
+    for name, value, shape in (("hidden", hidden, "[..., H]"), ("weight", weight, "[Vl, H]")):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            kind = f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise LossInputError(f"{name}: expected a floating-point tensor {shape}, got {kind}")
+    if hidden.dim() < 2:
+        raise LossInputError(f"hidden: expected shape [..., H] with at least one position, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise LossInputError(f"weight: expected shape [Vl, H] with Vl > 0 and H = hidden's last dim "
+                             f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise LossInputError(f"weight: expected the hidden states' device {hidden.device}, got {weight.device}")
