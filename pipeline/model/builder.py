@@ -8,7 +8,10 @@ the core attention of `attention.py`, and the CPU-capable rotary embedding of `r
 the installed megatron-core is patched; the rotary module is swapped on the built model instance.
 
 `LlamaGPT.forward(tokens, document_ids=None)` returns `[B, S, Vl]` logits for this TP rank's slice of
-the padded vocabulary (`ParallelContext.vocab_range`), ready for `distill_loss`.
+the padded vocabulary (`ParallelContext.vocab_range`), ready for `distill_loss`. With `output_fn`, the
+output layer (`OutputLayer`, swapped onto the built instance like the rotary module) computes no logits:
+it hands its hidden states and weight slice to `output_fn` (a fused loss) inside its own forward, so
+ZeRO-3's hooks on that module gather its weight and handle its gradient as they do for the logits.
 
 Design choice: megatron-core's own initialisation is switched off and `init.py` draws every weight
 from a generator seeded by its name, so a new model is the same at every TP size and device for one
@@ -20,7 +23,7 @@ so gradient clipping) counts a weight without the mark on TP rank 0 only.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -127,6 +131,7 @@ class LlamaGPT(GPTModel):
                          parallel_output=True, share_embeddings_and_output_weights=cfg.tie_embeddings,
                          position_embedding_type="rope", rotary_base=int(cfg.rope_theta))
         self.rotary_pos_emb = RotaryEmbedding(cfg).to(device)
+        self.output_layer.__class__ = OutputLayer  # same weights and state dict; adds the output_fn route
         mark_tensor_parallel(self)
         if seed is not None:
             weight_init.initialize(self, seed, ctx.tp_size, ctx.tp_rank)
@@ -139,8 +144,9 @@ class LlamaGPT(GPTModel):
         return document_ids_from_segments(segments.to(self.embedding.word_embeddings.weight.device), seq_len)
 
     def forward(self, tokens: Tensor, document_ids: Optional[Tensor] = None, positions: Optional[Tensor] = None,
-                **unused) -> Tensor:
-        """`[B, S, Vl]` logits of this TP rank's vocabulary slice for tokens `[B, S]`.
+                *, output_fn: Optional[OutputFn] = None, **unused):
+        """`[B, S, Vl]` logits of this TP rank's vocabulary slice for tokens `[B, S]`, or what `output_fn`
+        returns when given (see `OutputLayer`).
 
         With `document_ids` `[B, S]` (equal within a document, see `document_ids_from_segments`),
         attention stops at document boundaries and positions restart at each document. `positions`
@@ -154,10 +160,44 @@ class LlamaGPT(GPTModel):
         if positions is None and document_ids is not None:
             positions = document_positions(document_ids)
         self.rotary_pos_emb.set_positions(positions)
+        self.output_layer.output_fn = output_fn
         try:
-            return super().forward(input_ids=tokens, position_ids=positions, attention_mask=document_ids)
+            # given labels, megatron returns compute_language_model_loss(labels, output), which passes
+            # output_fn's result through (below); the tokens only stand in for labels it does not read
+            return super().forward(input_ids=tokens, position_ids=positions, attention_mask=document_ids,
+                                   labels=None if output_fn is None else tokens)
         finally:
             self.rotary_pos_emb.set_positions(None)
+            self.output_layer.output_fn = None
+
+    def compute_language_model_loss(self, labels: Tensor, logits):
+        if self.output_layer.output_fn is not None:
+            return logits  # output_fn's result, returned by the output layer in place of the logits
+        return super().compute_language_model_loss(labels, logits)
+
+
+OutputFn = Callable[[Tensor, Tensor], object]
+"""`output_fn(hidden, weight)`: hidden `[S, B, H]` (sequence first, as megatron's layers hold it), weight
+`[Vl, H]` this TP rank's vocabulary slice (the embedding's when tied); returns a tensor or a list, tuple or
+dict of tensors (the structures in which ZeRO-3 finds the tensors to hook its backward on)."""
+
+
+class OutputLayer(ColumnParallelLinear):
+    """megatron's column-parallel output layer; while `output_fn` is set, its forward returns
+    `(output_fn(hidden, weight), None)` instead of `(logits, None)`.
+
+    `hidden` is the input after `copy_to_tensor_model_parallel_region`, whose backward all-reduces the
+    input's gradient over the TP group (the all-reduce megatron's linear does in its own backward), so
+    `output_fn` returns this rank's share of the hidden-state gradient, as `distill_linear_loss` does.
+    """
+
+    output_fn: Optional[OutputFn] = None
+
+    def forward(self, input_: Tensor, weight: Optional[Tensor] = None, runtime_gather_output: Optional[bool] = None):
+        if self.output_fn is None:
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        hidden = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        return self.output_fn(hidden, self.weight if weight is None else weight), None
 
 
 def mark_tensor_parallel(model: nn.Module) -> None:

@@ -7,9 +7,10 @@ init_from.py) are written one gathered parameter at a time (identical at every T
 `ParallelContext` is DeepSpeed's `mpu`, so ZeRO shards over the DP group and the TP ranks of a DP group
 hold different slices of the same model.
 
-`StudentStep.run` feeds the micro-batches of one optimizer step through forward, `distill_loss` and
-DeepSpeed's backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them,
-and skips the update (counting it in `engine.skipped_steps`) when a gradient is not finite.
+`StudentStep.run` feeds the micro-batches of one optimizer step through forward, `distill_loss` (or, with
+loss.fused_output, `distill_linear_loss` inside the output layer: fused_step.py) and DeepSpeed's
+backward/step; DeepSpeed averages gradients over micro-batches and DP ranks, clips them, and skips the
+update (counting it in `engine.skipped_steps`) when a gradient is not finite.
 
 Only positions that count are trained on and counted in tokens (`loss_positions`: a real label, so a
 bestfit sample's padding counts nowhere, and, for a sample with a loss mask such as a generated
@@ -35,14 +36,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from pipeline.config import TrainConfig
 from pipeline.data.dataset import loss_positions
-from pipeline.losses import distill_loss
 from pipeline.model.builder import build_model, compute_dtype
 from pipeline.online.hidden import attach_map, hidden_loss_for
 from pipeline.parallel import ParallelContext
 from pipeline.train.deepspeed_config import deepspeed_config, lr_scheduler_factory
+from pipeline.train.fused_step import output_losses
 from pipeline.train.init_from import fill_from_init
 
 PARTS = ("loss", "kd_loss", "ce_loss", "top1_agreement")
@@ -134,16 +136,22 @@ class StudentStep:
         self.times.update({f"generated_{k}_tokens": float(v) for k, v in zip(stats.tokens, tokens.tolist())})
         return out
 
-    def forward(self, batch: dict, *, targets=True):
-        """(logits [B, S, Vl], labels [B, S], the mask [B, S] of positions that count, the batch's teacher
-        targets or None)."""
+    def inputs(self, batch: dict) -> tuple:
+        """(inputs [B, S], document ids [B, S] or None, labels [B, S], the mask [B, S] of positions that count)."""
         device = self.ctx.device
         tokens = batch["tokens"].to(device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         mask = loss_positions(batch, inputs.shape[1]).to(device)
-        documents = self.engine.module.document_ids(batch["segments"], inputs.shape[1])
-        teacher = self.targets.targets(batch, device) if (targets and self.targets is not None) else None
-        return self.engine(inputs, document_ids=documents), labels, mask, teacher
+        return inputs, self.engine.module.document_ids(batch["segments"], inputs.shape[1]), labels, mask
+
+    def losses(self, batch: dict, calls: list[tuple]) -> tuple[list, Tensor]:
+        """(for each `(targets, kwargs)` in `calls`, `distill_loss(logits, targets.targets(batch), labels=...,
+        loss_mask=..., **kwargs)`'s output (targets None: no teacher targets), all from one forward; the mask
+        [B, S] of positions that count). With loss.fused_output, inside the output layer (fused_step.py)."""
+        inputs, documents, labels, mask = self.inputs(batch)
+        calls = [(None if targets is None else targets.targets(batch, self.ctx.device),
+                  dict(labels=labels, loss_mask=mask, **kwargs)) for targets, kwargs in calls]
+        return output_losses(self.engine, inputs, documents, calls, fused=self.cfg.loss.fused_output), mask
 
     def run(self, micro_batches: list, step: int | None = None) -> StepResult:
         """One optimizer step on `micro_batches` at optimizer step `step` (0-based; default the engine's)."""
@@ -154,8 +162,7 @@ class StudentStep:
         shares, loss_kwargs = self._token_shares(micro_batches), self.step_loss_kwargs(step)
         for batch, share in zip(micro_batches, shares):
             with self.hidden.recording() if self.hidden is not None else contextlib.nullcontext():
-                logits, labels, mask, teacher = self.forward(batch)
-            out = distill_loss(logits, teacher, labels=labels, loss_mask=mask, **loss_kwargs)
+                (out,), mask = self.losses(batch, [(self.targets, loss_kwargs)])
             out = out if self.hidden is None else self.hidden.add_to(out, mask)
             self.engine.backward(out.loss if share == 1.0 else out.loss * share)
             self.engine.step()

@@ -2,7 +2,7 @@
 
 Every DP rank reads its own `eval.batches` micro-batches of the held-out shards, in a fixed order (no
 shuffle), the same ones at every evaluation, so successive evaluations are comparable. Only the positions
-the trainer counts count (`loss_positions`, through `StudentStep.forward`: a real label, so a bestfit
+the trainer counts count (`loss_positions`, through `StudentStep.losses`: a real label, so a bestfit
 sample's padding is neither scored nor counted, and a set loss mask where a sample has one, so a generated
 sequence's prompt is not scored); sums are weighted by those tokens and all-reduced over the DP group. The divergence reported is always the
 forward KL(teacher ‖ student) on the cache's targets, decoded the same way for every run: top-K with
@@ -17,6 +17,9 @@ the teacher's samples) on the first `eval.risk_prompts` held-out samples, cut to
 tokens, sampled with `eval.sampling` and seeded by the run's seed and each sample's key. The teacher is
 loaded once, at the student's TP layout, frozen and outside DeepSpeed; its samples are drawn at the
 first evaluation and reused (a fixed teacher with seeded draws would draw them again identically).
+
+The CE and the KL come from one forward, through the logits or, with loss.fused_output, inside the output
+layer as in training (fused_step.py).
 
 Design choice: eval runs the same engine (under ZeRO-3 every rank gathers the same parameters in the
 same order, so every DP rank does the same number of forwards); the cost is that eval time is not
@@ -34,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
-from pipeline.losses import distill_loss
 from pipeline.parallel import ParallelContext
 from pipeline.teacher.reader import CacheTargets
 from pipeline.train.stream import TEACHER, make_dataset
@@ -86,15 +88,15 @@ class Evaluator:
         return out
 
     def _one(self, step, batch: dict) -> torch.Tensor:
-        logits, labels, mask, _ = step.forward(batch, targets=False)
-        common = dict(tp_group=self.ctx.tp_group, vocab_size=self.cfg.model.vocab_size, labels=labels,
-                      loss_mask=mask)
-        ce = distill_loss(logits, None, divergence="ce", **common)
-        count = float(ce.num_tokens)
-        row = [float(ce.ce) * count, 0.0, 0.0, count]
+        common = dict(tp_group=self.ctx.tp_group, vocab_size=self.cfg.model.vocab_size)
+        calls = [(None, dict(divergence="ce", **common))]
         if self.targets is not None:
-            teacher = self.targets.targets(batch, self.ctx.device)
-            kl = distill_loss(logits, teacher, divergence="kl", temperature=self.targets.temperature, **common)
+            calls.append((self.targets, dict(divergence="kl", temperature=self.targets.temperature, **common)))
+        outs, _ = step.losses(batch, calls)  # one forward (inside the output layer with loss.fused_output)
+        count = float(outs[0].num_tokens)
+        row = [float(outs[0].ce) * count, 0.0, 0.0, count]
+        if self.targets is not None:
+            kl = outs[1]
             row[1], row[2] = float(kl.metrics["divergence"]) * count, float(kl.metrics["top1_agreement"]) * count
         return torch.tensor(row, dtype=torch.float64, device=self.ctx.device)
 

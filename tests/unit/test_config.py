@@ -121,7 +121,8 @@ def test_misspelt_key_names_it_lists_valid_keys_and_suggests(tmp_path):
     path = write(tmp_path, "loss:\n  temprature: 2.0\n")
     assert error_of(RunConfig, path) == (
         f"{path}: loss.temprature: unknown key (got 2.0 (float)); valid keys of loss: divergence, temperature, "
-        "ce_weight, beta, alpha, chunk_size, kl_warmup_steps, target_mode, prefixes, phases; did you mean 'temperature'?")
+        "ce_weight, beta, alpha, chunk_size, fused_output, kl_warmup_steps, target_mode, prefixes, phases; "
+        "did you mean 'temperature'?")
 
 
 def test_misspelt_override_key_is_reported_for_the_command_line():
