@@ -188,7 +188,7 @@ class OutputLayer(ColumnParallelLinear):
 
     `hidden` is the input after `copy_to_tensor_model_parallel_region`, whose backward all-reduces the
     input's gradient over the TP group (the all-reduce megatron's linear does in its own backward), so
-    `output_fn` returns this rank's share of the hidden-state gradient, as `distill_linear_loss` does.
+    `output_fn`'s hidden-state gradient is this rank's share only, as `distill_linear_loss`'s is.
     """
 
     output_fn: Optional[OutputFn] = None
