@@ -158,9 +158,9 @@ class LossConfig:
         False, "Compute the loss inside the output layer from its hidden states and weight slice "
                "(distill_linear_loss), so the [tokens, vocabulary] logits and their gradient never exist (the "
                "loss's peak extra memory was 0.4x the logits' size instead of 2.4x at TP 1 in "
-               "benchmarks/README.md's fused rows); same losses and gradients up to summation order. Off by default because it is not "
-               "faster yet: those rows measured 1.03-2.25x the unfused loss's time on CPU at TP 1. Turn it on "
-               "when the logits are what limits the micro-batch or the sequence length.")
+               "benchmarks/README.md's fused rows); same losses and gradients up to summation order. Off by "
+               "default because it is not faster yet: those rows measured 1.03-2.25x the unfused loss's time on "
+               "CPU at TP 1. Turn it on when the logits are what limits the micro-batch or the sequence length.")
     kl_warmup_steps: int = setting(
         0, "Optimizer steps at the start that minimise forward KL instead of `divergence` (same targets, "
            "temperature and ce_weight), then switch. rkl, js and tvd give a logit gradient proportional to the "
