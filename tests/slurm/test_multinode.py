@@ -1,13 +1,13 @@
 """The project's sbatch scripts across two nodes, each its own network host (tests/slurm/multinode_cluster.py).
 
 One module-scoped two-node cluster (node1, node2: own network and UTS namespaces, own addresses on a
-bridge). Job arrays of tokenize.sbatch and cache_teacher.sbatch run with --exclusive, so their tasks
-spread over both nodes, and must write byte-identical shards and caches to the same arrays pinned to
-node1. The caches are made at tp 2 (the top-K rest masses of a tp-2 teacher differ from tp 1's in their
-last bits, tests/dist/test_cache_job_dist.py, so one tp is compared with itself): the one-node reference
-is one job of one replica (2 ranks) on node1; the spread array has a replica per task, each on its own
-node; and cache_teacher.sbatch as one job over both nodes has a tp-2 replica per node (4 ranks, dp 2 x
-tp 2), whose log must show each replica's two tp ranks on one host. All three must write the same bytes.
+bridge). A tokenize.sbatch job array runs with --exclusive, so its tasks spread over both nodes, and must
+write byte-identical shards to the same array pinned to node1. The teacher caches are made at tp 2 (a
+tp-2 teacher's top-K rest masses differ from tp 1's in their last bits, tests/dist/test_cache_job_dist.py,
+so a tp-2 cache is compared with a tp-2 cache): the reference is one replica (2 ranks) on node1; a
+cache_teacher.sbatch array with --exclusive has a replica per task, each on its own node; and
+cache_teacher.sbatch as one job over both nodes has a tp-2 replica per node (4 ranks, dp 2 x tp 2), whose
+log must show each replica's two tp ranks on one host. All three must write the same bytes.
 train_student.sbatch with --nodes=2 (one rank per node, ZeRO-3 over dp 2) in both launch modes,
 srun per rank and torchrun per node, must log ranks on both hostnames and the master's address on the
 bridge, and produce the losses of the same two ranks on node1 alone. Then a node loss: node2's processes
