@@ -8,6 +8,7 @@
 #   MASTER_PORT    20000 + job id mod 20000, so jobs sharing a node do not collide
 #   OMP_NUM_THREADS = --cpus-per-task; on cpu DS_ACCELERATOR=cpu, on gpu NCCL's async error handling
 #   TORCHRUN_RDZV  the c10d rendezvous arguments for one torchrun per node (LAUNCHER=torchrun)
+#   DISTILL_TP     parallel.tp of the resolved config (distill_header; 1 for tokenize), for the rank lines
 # and the functions the scripts call: distill_header, distill_ranks, distill_requeue_on.
 #
 # Several nodes: every node's hostname must resolve, on every node, to an address the other nodes reach
@@ -15,6 +16,9 @@
 # GLOO_SOCKET_IFNAME names an interface). Where hostnames resolve to a management network or loopback,
 # export GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) before sbatch; the job's environment passes it to
 # every rank. The header logs the master's resolved address and every rank's (or torchrun agent's) host.
+# Ranks are numbered node by node (srun --distribution=block; torchrun: node rank × ranks per node + local
+# rank), and a TP group is parallel.tp consecutive ranks, so with ranks per node a multiple of parallel.tp
+# every TP group stays on one node (the header warns otherwise) and only data-parallel traffic crosses nodes.
 #
 # Design choice: ranks are started as one srun task per rank by default (LAUNCHER=srun), because srun
 # passes SIGUSR1 on to every task and returns the tasks' exit status, so the trainer's "saved, requeue
@@ -69,8 +73,19 @@ distill_header() {
        "${GLOO_SOCKET_IFNAME:+GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME}"
   echo "command: $*"
   if [ "$kind" != - ]; then
+    local resolved
+    resolved=$(distill_config "$kind" "$@")
     echo "resolved config:"
-    distill_config "$kind" "$@" | sed 's/^/  /'
+    echo "$resolved" | sed 's/^/  /'
+    DISTILL_TP=$(echo "$resolved" | awk '/^parallel:/ {p = 1; next} /^[^ ]/ {p = 0} p && $1 == "tp:" {print $2}')
+    case $DISTILL_TP in ''|*[!0-9]*|0) DISTILL_TP=1 ;; esac  # a bad value: the ranks refuse it, naming it
+    export DISTILL_TP
+    echo "tensor parallel: $DISTILL_TP ranks per replica, $(( ${SLURM_NTASKS:-1} / DISTILL_TP )) replicas;" \
+         "a replica is $DISTILL_TP consecutive ranks, ranks are numbered node by node"
+    if [ $(( PROCS_PER_NODE % DISTILL_TP )) -ne 0 ] && [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]; then
+      echo "warning: $PROCS_PER_NODE ranks per node is not a multiple of parallel.tp=$DISTILL_TP: some replicas'" \
+           "tensor-parallel ranks span two nodes (slow: every layer's collectives cross the network)" >&2
+    fi
   fi
 }
 
@@ -90,7 +105,8 @@ distill_config() {
 
 # distill_ranks SCRIPT ARGS...: run launchers/SCRIPT on every rank of the job and return its status.
 # SIGUSR1 and SIGTERM sent to the batch script are passed on to the ranks. Each srun task first logs
-# "rank R on HOST" (torchrun: "torchrun node N on HOST"), then execs the launcher in its place.
+# "rank R on HOST" (with parallel.tp > 1: "rank R on HOST (replica D, tp rank T)", D = R / tp, T = R mod tp;
+# torchrun: "torchrun node N on HOST"), then execs the launcher in its place.
 distill_ranks() {
   local script=$DISTILL_ROOT/launchers/$1; shift
   if [ "$LAUNCHER" = torchrun ]; then
@@ -99,8 +115,9 @@ distill_ranks() {
       "$PYTHON" -m torch.distributed.run "${TORCHRUN_RDZV[@]}" \
       --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "$script" "$@" &
   else
-    srun --kill-on-bad-exit=1 bash -c 'echo "rank $SLURM_PROCID on $(hostname)"; exec "$@"' distill \
-      "$PYTHON" "$script" "$@" &
+    srun --kill-on-bad-exit=1 --distribution=block bash -c 'r=$SLURM_PROCID t=${DISTILL_TP:-1} part=""
+      [ "$t" -gt 1 ] && part=" (replica $((r / t)), tp rank $((r % t)))"
+      echo "rank $r on $(hostname)$part"; exec "$@"' distill "$PYTHON" "$script" "$@" &
   fi
   DISTILL_STEP_PID=$!
   trap 'echo "batch script: got SIGUSR1, passing it on"; DISTILL_SIGNALLED=1; kill -USR1 $DISTILL_STEP_PID' USR1

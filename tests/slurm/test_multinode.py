@@ -1,9 +1,14 @@
 """The project's sbatch scripts across two nodes, each its own network host (tests/slurm/multinode_cluster.py).
 
 One module-scoped two-node cluster (node1, node2: own network and UTS namespaces, own addresses on a
-bridge). Job arrays of tokenize.sbatch and cache_teacher.sbatch run with --exclusive, so their tasks
-spread over both nodes, and must write byte-identical shards and caches to the same arrays pinned to
-node1; so must cache_teacher.sbatch as one job with a teacher replica on each node. train_student.sbatch with --nodes=2 (one rank per node, ZeRO-3 over dp 2) in both launch modes,
+bridge). A tokenize.sbatch job array runs with --exclusive, so its tasks spread over both nodes, and must
+write byte-identical shards to the same array pinned to node1. The teacher caches are made at tp 2 (a
+tp-2 teacher's top-K rest masses differ from tp 1's in their last bits, tests/dist/test_cache_job_dist.py,
+so a tp-2 cache is compared with a tp-2 cache): the reference is one replica (2 ranks) on node1; a
+cache_teacher.sbatch array with --exclusive has a replica per task, each on its own node; and
+cache_teacher.sbatch as one job over both nodes has a tp-2 replica per node (4 ranks, dp 2 x tp 2), whose
+log must show each replica's two tp ranks on one host. All three must write the same bytes.
+train_student.sbatch with --nodes=2 (one rank per node, ZeRO-3 over dp 2) in both launch modes,
 srun per rank and torchrun per node, must log ranks on both hostnames and the master's address on the
 bridge, and produce the losses of the same two ranks on node1 alone. Then a node loss: node2's processes
 are SIGKILLed (slurmd included) mid-run; the rank on node1 must fail within the collective timeout
@@ -86,7 +91,7 @@ def _hosts_in_logs(folder: Path, pattern: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def data(cluster, tmp_path_factory):
-    """Shards and caches made twice: arrays spread over both nodes (train, cache) and pinned to node1."""
+    """Token shards made twice (arrays spread over both nodes and pinned to node1), caches three times."""
     folder = tmp_path_factory.mktemp("nodes_pipeline")
     corpus = folder / "corpus"
     corpus.mkdir()
@@ -103,15 +108,16 @@ def data(cluster, tmp_path_factory):
              str(folder / f"train_{name}"), "--txt-mode", "blocks", "--tokenizer", str(tok), "--seq-len", "32",
              "--shard-max-samples", "40", options=("--array=0-1", *placement, "--output",
                                                    str(folder / f"{name}-%x-%A_%a.out")))
+    # the caches at tp 2: one job on node1 (one replica), an array spread over both nodes (a replica per
+    # task and node) and one job over both nodes (a replica per node: dp 2 x tp 2, 4 ranks); a micro-batch
+    # of a whole shard, as every tp-2 forward waits on collectives between ranks sharing the loaded CPUs
     cache = ("--config", "configs/cache_topk.yaml", f"teacher={folder / 'teacher'}", "targets.k=8", "progress=false",
-             f"tokens={folder / 'train_node1'}")
-    for name, placement in placements:  # caches of the same shards
+             f"tokens={folder / 'train_node1'}", "parallel.tp=2", "micro_batch=40")
+    for name, placement, log in (("node1", ("--nodes=1", "--nodelist=node1"), "node1-%x-%j.out"),
+                                 ("spread", ("--array=0-1", "--exclusive"), "spread-%x-%A_%a.out"),
+                                 ("job", ("--nodes=2",), "cache_job.out")):
         _run(cluster, "slurm/cache_teacher.sbatch", *cache, f"output={folder / f'cache_{name}'}",
-             options=("--array=0-1", "--ntasks-per-node=1", *placement, "--output",
-                      str(folder / f"{name}-%x-%A_%a.out")))
-    # one job, a teacher replica (tp 1) per node, the replicas splitting the shards
-    _run(cluster, "slurm/cache_teacher.sbatch", *cache, f"output={folder / 'cache_job'}",
-         options=("--nodes=2", "--ntasks-per-node=1", "--output", str(folder / "cache_job.out")))
+             options=(*placement, "--ntasks-per-node=2", "--output", str(folder / log)))
     return folder
 
 
@@ -123,7 +129,10 @@ def test_arrays_spread_over_both_nodes_write_the_same_shards_and_caches(cluster,
                            ("cache_job", "cache_node1")):
         assert _digests(data / spread) == _digests(data / pinned), spread
     text = (data / "cache_job.out").read_text()
-    assert "rank 0 on node1" in text and "rank 1 on node2" in text
+    assert "layout: nodes 2 (node[1-2]), ranks 4, 2 per node" in text, text[:2000]
+    ranks = sorted(line for line in text.splitlines() if line.startswith("rank "))
+    assert ranks == ["rank 0 on node1 (replica 0, tp rank 0)", "rank 1 on node1 (replica 0, tp rank 1)",
+                     "rank 2 on node2 (replica 1, tp rank 0)", "rank 3 on node2 (replica 1, tp rank 1)"], text[-3000:]
     checked = _distill("verify-cache", str(data / "cache_spread"), "--tokens", str(data / "train_node1"),
                        "--teacher", str(data / "teacher"), "--positions", "32")
     assert checked.returncode == 0, checked.stdout + checked.stderr
