@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 # pytest-xdist workers for `make test`; each test module runs whole on one worker (its fixtures are built once)
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .PHONY: venv test test-unit test-dist demo bench clean
 
@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

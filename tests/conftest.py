@@ -2,6 +2,11 @@
 
 Under pytest-xdist (`make test` runs two workers) each worker keeps torch to one thread, and so do the
 processes it starts (OMP_NUM_THREADS), so that workers share the cores instead of oversubscribing them.
+
+`make test` hands whole modules to the two workers in collection order (`--dist loadscope
+--no-loadscope-reorder`); `pytest_collection_modifyitems` moves the few modules that take minutes each to the
+front, so they start at once on both workers and the many short modules fill in around them. Left to
+xdist's default (most tests first), they started last and one worker ran alone for minutes at the end.
 """
 from __future__ import annotations
 
@@ -16,6 +21,27 @@ from tests.harness import free_port
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+
+
+LONGEST_FIRST = ("tests/e2e/test_quickstart.py", "tests/e2e/test_readme.py", "tests/slurm/test_multinode.py",
+                 "tests/slurm/test_sbatch.py", "tests/dist/test_generate_dist.py", "tests/e2e/test_local_launch.py")
+"""Modules measured at a minute or more of one worker's time, longest first."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    first = len(LONGEST_FIRST)
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], first))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """A one-process `ParallelContext` (no process group), shared by a module's tests."""
+    from pipeline.parallel import ParallelContext
+
+    context = ParallelContext.from_env()
+    yield context
+    context.destroy()
 
 
 @pytest.fixture

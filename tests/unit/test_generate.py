@@ -9,18 +9,10 @@ import torch
 from pipeline.config import SamplingConfig
 from pipeline.generate import Decoder, generate, next_tokens
 from pipeline.model import load_hf
-from pipeline.parallel import ParallelContext
 from tests.modelmaker import VOCAB, make_hf_model
 
 KINDS = ("llama_gqa", "qwen2", "mistral")
 LENGTHS = (7, 12, 3, 9)
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    context = ParallelContext.from_env()
-    yield context
-    context.destroy()
 
 
 @pytest.fixture(scope="module")

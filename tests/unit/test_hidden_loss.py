@@ -16,19 +16,11 @@ import torch.nn.functional as F
 
 from pipeline.model import load_hf
 from pipeline.online.hidden import MAP_NAME, HiddenLoss, HiddenMap, attach_map, initial_map, map_shape
-from pipeline.parallel import ParallelContext
 from pipeline.train.errors import TrainError
 from tests.modelmaker import BASE, make_hf_model, random_tokens
 from tests.trainkit import train_config
 
 STUDENT_HF = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    context = ParallelContext.from_env()
-    yield context
-    context.destroy()
 
 
 @pytest.fixture(scope="module")

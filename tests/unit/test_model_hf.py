@@ -18,19 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import ComputeConfig
 from pipeline.model import CheckpointError, load_hf, save_hf
-from pipeline.parallel import ParallelContext
 from tests.modelmaker import SEQ, VOCAB, hf_logits, make_hf_model, random_tokens, read_safetensors
 
 PARITY_KINDS = ("llama_gqa", "llama_tied", "qwen2", "mistral")
 TEXT = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
         "sphinx of black quartz, judge my vow", "how vexingly quick daft zebras jump!"]
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    context = ParallelContext.from_env()
-    yield context
-    context.destroy()
 
 
 @pytest.fixture(scope="module")
