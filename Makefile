@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 # pytest-xdist workers for `make test`; each test module runs whole on one worker (its fixtures are built once)
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 .PHONY: venv test test-unit test-dist demo bench clean
 

@@ -20,8 +20,7 @@ HELDOUT_BOOKS = ["persuasion"]
 
 TopKDivergence = Literal["kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl"]
 
-# `--smoke`: the same stages on one novel with tiny models (about a minute on 2 cores), with two of the four
-# top-K divergences (rkl and tvd run the same code as js with another loss; the plan test covers their configs). A step of these models
+# `--smoke`: the same stages on one novel with tiny models (about a minute on 2 cores). A step of these models
 # costs milliseconds next to each stage's start-up, so the runs take enough steps at a high learning rate to
 # learn something a test can check: the teacher beats a unigram model counted on the training text.
 SMOKE = [f"corpus.train=[{AUSTEN}/northanger_abbey.jsonl.gz]", "corpus.vocab_size=512", "corpus.seq_len=32",
@@ -30,7 +29,7 @@ SMOKE = [f"corpus.train=[{AUSTEN}/northanger_abbey.jsonl.gz]", "corpus.vocab_siz
          "teacher_run.steps=128", "teacher_run.lr=0.03", "teacher_run.micro_batch=4", "teacher_run.warmup_steps=2",
          "teacher_run.evals=1", "student_run.steps=48", "student_run.lr=0.03", "student_run.micro_batch=4",
          "student_run.warmup_steps=2", "student_run.evals=2",
-         "divergences=[kl,js]", "cache.k=8", "cache.draws=8", "eval_batches=2", "teacher_sampled.prompt_len=8", "risks.prompts=4",
+         "cache.k=8", "cache.draws=8", "eval_batches=2", "teacher_sampled.prompt_len=8", "risks.prompts=4",
          "risks.prompt_len=8", "risks.max_new_tokens=8", "fdistill.prompt_len=8", "fdistill.max_new_tokens=8",
          "fdistill.predistill_steps=8"]
 
