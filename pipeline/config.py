@@ -4,7 +4,8 @@ Each setting declares its default, its documentation and its constraint in one p
 so a YAML file, `distill config --reference` and the README's config reference all come from these
 classes (the generation and online-teacher sections live in pipeline/config_online.py, re-exported here).
 The machinery that fills them from YAML and overrides lives in pipeline/config_tree.py and is
-re-exported here, so callers import everything config from this module. A new section is one frozen dataclass here plus one `section(...)` field on `RunConfig` (or on the root class of its job).
+re-exported here, so callers import everything config from this module. A new section is one frozen
+dataclass here plus one `section(...)` field on `RunConfig` (or on the root class of its job).
 
 Design choice: sections are frozen, so the config a run logs and checkpoints is the config it ran
 with; nothing mutates it halfway. The cost: a changed value means a new object
