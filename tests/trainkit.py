@@ -96,3 +96,18 @@ def overrides_run_dir(overrides: list[str]) -> Path:
 def logged_steps(run_dir: Path) -> int:
     """The last train step in metrics.jsonl (0 when none yet)."""
     return max((row.get("step", 0) for row in read_metrics(run_dir)), default=0)
+
+
+def wait_for(procs, until, what: str, timeout: float = 240) -> None:
+    """Poll `until()` while the processes `procs` run; fail the test when they end first or after `timeout` s."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not until():
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"the run ended before {what} (exit {[p.poll() for p in procs]})")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)

@@ -97,6 +97,7 @@ class StudentStep:
         self.cfg, self.ctx, self.engine, self.targets, self.prefixes = cfg, ctx, engine, targets, prefixes
         self.common = dict(tp_group=ctx.tp_group, temperature=cfg.loss.temperature, ce_weight=cfg.loss.ce_weight,
                            chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
+        self._kwargs: dict = {}
         self.loss_kwargs = self.kwargs_for(cfg.loss.divergence)
         self.warmup_kwargs = self.kwargs_for("kl")  # loss.kl_warmup_steps: forward KL first
         self.times: dict = {}
@@ -104,8 +105,11 @@ class StudentStep:
         self.parts = PARTS + (("hidden_loss",) if self.hidden is not None else ())
 
     def kwargs_for(self, divergence: str) -> dict:
-        params = dataclasses.replace(self.cfg.loss, divergence=divergence, kl_warmup_steps=0, phases=[])
-        return dict(divergence=divergence, **self.common, **params.divergence_params())
+        """`distill_loss`'s settings for `divergence` (built once per divergence, not at every step of a phase)."""
+        if divergence not in self._kwargs:
+            params = dataclasses.replace(self.cfg.loss, divergence=divergence, kl_warmup_steps=0, phases=[])
+            self._kwargs[divergence] = dict(divergence=divergence, **self.common, **params.divergence_params())
+        return self._kwargs[divergence]
 
     def step_loss_kwargs(self, step: int | None = None) -> dict:
         """`distill_loss`'s settings for optimizer step `step` (0-based; default the engine's counter): the
@@ -113,8 +117,7 @@ class StudentStep:
         on resume, so a resumed run switches at the same step."""
         step = self.engine.global_steps if step is None else step
         if self.cfg.loss.phases:
-            divergence, _ = self.cfg.loss.phase_at(step)
-            return self.loss_kwargs if divergence == self.cfg.loss.divergence else self.kwargs_for(divergence)
+            return self.kwargs_for(self.cfg.loss.phase_at(step)[0])
         warm = step < self.cfg.loss.kl_warmup_steps
         return self.warmup_kwargs if warm else self.loss_kwargs
 

@@ -23,11 +23,10 @@ import signal
 import pytest
 
 from pipeline.train.monitor import read_metrics, read_scalars
-from tests.e2e.test_train_resume import _wait
 from tests.harness import run_distributed
 from tests.modelmaker import make_hf_model
 from tests.shardmaker import make_token_shards
-from tests.trainkit import launch, logged_steps, losses, student_overrides, train_config
+from tests.trainkit import launch, logged_steps, losses, student_overrides, train_config, wait_for
 
 SEQ_LEN = 16
 PROMPT = 4
@@ -101,7 +100,7 @@ def test_resume_after_sigkill_during_on_policy_step_equals_uninterrupted_run(dat
     killed = _overrides(data, "killed", **steps)
     procs = launch(killed)
     run = folder / "killed"
-    _wait(procs, lambda: (run / "checkpoints" / "latest").is_file() and logged_steps(run) >= 5, "step 5")
+    wait_for(procs, lambda: (run / "checkpoints" / "latest").is_file() and logged_steps(run) >= 5, "step 5")
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000004"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,7 +20,8 @@ from pipeline.train.monitor import read_scalars
 from pipeline.train.preemption import REQUEUE_EXIT_CODE
 from tests.harness import run_distributed
 from tests.shardmaker import make_token_shards
-from tests.trainkit import final_weights, launch, logged_steps, losses, student_overrides, teacher_cache, train_config
+from tests.trainkit import (final_weights, launch, logged_steps, losses, student_overrides, teacher_cache, train_config,
+                            wait_for)
 
 TAGS = ("train/loss", "train/kd_loss", "train/ce_loss", "train/top1_agreement", "train/lr", "train/grad_norm",
         "train/skipped_steps", "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_fraction",
@@ -49,16 +49,6 @@ def _overrides(data, name: str, **extra) -> list[str]:
                              data__eval_teacher_cache=eval_cache, eval__batches=2, **extra)
 
 
-def _wait(procs, until, what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not until():
-        if any(p.poll() is not None for p in procs):
-            pytest.fail(f"the run ended before {what} (exit {[p.poll() for p in procs]})")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def _assert_same_run(got, expected, steps: int) -> None:
     assert sorted(losses(got)) == list(range(1, steps + 1))
     for step, value in losses(expected).items():
@@ -77,7 +67,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(data):
     killed = _overrides(data, "killed", **steps)
     procs = launch(killed)
     run = folder / "killed"
-    _wait(procs, lambda: (run / "checkpoints" / "latest").is_file() and logged_steps(run) >= 10, "step 10")
+    wait_for(procs, lambda: (run / "checkpoints" / "latest").is_file() and logged_steps(run) >= 10, "step 10")
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000008"
@@ -97,7 +87,7 @@ def test_sigusr1_on_one_rank_checkpoints_requeues_and_resumes_equal(data):
     assert run_distributed(_train, 2, _overrides(data, "whole2", steps=12)) == [0, 0]
     preempted = _overrides(data, "preempted", steps=12)
     procs = launch(preempted, world=2)
-    _wait(procs, lambda: logged_steps(folder / "preempted") >= 3, "step 3")
+    wait_for(procs, lambda: logged_steps(folder / "preempted") >= 3, "step 3")
     procs[1].send_signal(signal.SIGUSR1)
     assert [p.wait(timeout=240) for p in procs] == [REQUEUE_EXIT_CODE] * 2
     tag = (folder / "preempted" / "checkpoints" / "latest").read_text()
