@@ -56,6 +56,14 @@ def import_deepspeed(ctx: ParallelContext):
     os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # zero.Init reads it; a world of one lacks it
     import deepspeed
 
+    if ctx.device.type == "cpu":
+        # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (a C++ extension: about 15 s
+        # of two cores and a compiler on the PATH) at its first start, and again whenever the venv is reached
+        # through another path (a symlinked .venv), its build file naming the path. Its one user is
+        # inference_all_reduce, which nothing here calls: ZeRO-3's collectives are torch.distributed's
+        # either way. Marked incompatible, it is never built.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed's ZeRO-3 still calls the collectives torch renamed; torch says so at every call, which
     # buries the console lines of a run under repeated FutureWarnings that only DeepSpeed can act on
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
