@@ -24,7 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 LONGEST_FIRST = ("tests/e2e/test_quickstart.py", "tests/e2e/test_readme.py", "tests/slurm/test_multinode.py",
-                 "tests/slurm/test_sbatch.py", "tests/dist/test_generate_dist.py", "tests/e2e/test_local_launch.py")
+                 "tests/dist/test_generate_dist.py", "tests/e2e/test_local_launch.py")
 """Modules measured at a minute or more of one worker's time, longest first."""
 
 

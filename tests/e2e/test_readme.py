@@ -97,10 +97,10 @@ def test_benchmark_commands_parse(workdir):
 
 
 def test_sbatch_scripts_are_the_ones_submitted_to_slurm():
-    """The sbatch lines use the scripts tests/slurm/test_sbatch.py submits to a real Slurm (with toy sizes)."""
+    """The sbatch lines use the scripts tests/slurm/test_multinode.py submits to a real Slurm (with toy sizes)."""
     block = next(b for b in bash_blocks() if classify(b) == "sbatch")
     scripts = re.findall(r"slurm/\w+\.sbatch", block)
-    submitted = (ROOT / "tests" / "slurm" / "test_sbatch.py").read_text()
+    submitted = (ROOT / "tests" / "slurm" / "test_multinode.py").read_text()
     assert len(scripts) == 3 and all(f'"{script}"' in submitted for script in scripts), scripts
 
 

@@ -16,6 +16,12 @@ are SIGKILLed (slurmd included) mid-run; the rank on node1 must fail within the 
 SlurmdTimeout and, the script asking for --requeue, requeues the job), and the requeued job, once node2's
 slurmd is back, resumes from `latest` to the uninterrupted run's losses.
 
+The one-node scripts are checked on the same cluster: the outputs of the tokenize and cache arrays verify
+(verify-shards, verify-cache), the one-node student has a checkpoint, TensorBoard events with a held-out
+eval and its layout in the log; and a student job on node1 signalled with `scancel --signal=USR1 --batch`
+checkpoints, is requeued, resumes and ends with the same losses and final weights as the uninterrupted
+one-node job.
+
 Tolerance: the two-rank runs reduce the same two fp32 values per element in the same order on one node
 or two (a + b is commutative in IEEE arithmetic), so losses agree to rel 1e-6; the resumed run restarts
 from a saved fp32 state and must agree to 1e-5 as the issue asks. Skipped, saying so, where Slurm cannot
@@ -32,12 +38,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.train.monitor import read_scalars
 from tests.modelmaker import make_hf_model
 from tests.slurm import netns
 from tests.slurm.cluster import install_reason
 from tests.slurm.multinode_cluster import SLURMD_TIMEOUT_S, MultiNodeCluster, wait_until
 from tests.tokenization_corpus import make_documents, write_blocks
-from tests.trainkit import STUDENT, logged_steps, losses
+from tests.trainkit import STUDENT, final_weights, logged_steps, losses
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = ("--gpus-per-node=0", "--cpus-per-task=1")
@@ -133,14 +140,21 @@ def test_arrays_spread_over_both_nodes_write_the_same_shards_and_caches(cluster,
     ranks = sorted(line for line in text.splitlines() if line.startswith("rank "))
     assert ranks == ["rank 0 on node1 (replica 0, tp rank 0)", "rank 1 on node1 (replica 0, tp rank 1)",
                      "rank 2 on node2 (replica 1, tp rank 0)", "rank 3 on node2 (replica 1, tp rank 1)"], text[-3000:]
+    checked = _distill("verify-shards", str(data / "train_spread"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert len(list((data / "train_spread").glob("*.tar.gz"))) >= 2
     checked = _distill("verify-cache", str(data / "cache_spread"), "--tokens", str(data / "train_node1"),
                        "--teacher", str(data / "teacher"), "--positions", "32")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    logs = "".join(p.read_text() for p in data.glob("spread-distill-cache-*.out"))
+    assert "array task" in logs and "commit " in logs and "resolved config:" in logs and "restart 0" in logs
 
 
 def _student(folder: Path, name: str) -> tuple[str, ...]:
     return ("--config", "configs/student_kd.yaml", f"run_dir={folder / name}", f"data.tokens={folder / 'train_node1'}",
-            f"data.teacher_cache={folder / 'cache_node1'}", f"data.tokenizer={folder / 'tok.json'}", *STUDENT,
+            f"data.teacher_cache={folder / 'cache_node1'}", f"data.tokenizer={folder / 'tok.json'}",
+            f"data.eval_tokens={folder / 'train_node1'}", f"data.eval_teacher_cache={folder / 'cache_node1'}",
+            "eval.batches=2", *STUDENT,
             f"schedule.steps={STEPS}", "schedule.micro_batch=2", "data.num_workers=0", "optim.warmup_steps=5",
             "optim.lr=0.003", f"checkpoint.every={EVERY}", "eval.every=0", "log.console_every=10",
             f"parallel.timeout_minutes={TIMEOUT_MINUTES}")
@@ -177,6 +191,38 @@ def _assert_on_both_nodes(log: Path, cluster, marker: str) -> None:
     assert "layout: nodes 2 (node[1-2])" in text
     assert f"master node1:{20000 + int(text.split('| job ')[1].split()[0]) % 20000} ({cluster.net.address(1)})" \
         in text, text[:2000]
+
+
+def test_one_node_student_job_trains_checkpoints_and_logs(data, one_node):
+    assert (one_node / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+    assert sorted(losses(one_node)) == list(range(1, STEPS + 1))
+    scalars = read_scalars(one_node / "tensorboard")
+    assert {"train/loss", "eval/perplexity", "perf/tokens_per_s"} <= set(scalars)
+    text = (data / "one_node.out").read_text()
+    assert "layout: nodes 1" in text and "ranks 2" in text and "parallel:" in text and "restart 0" in text
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_end(cluster, data, one_node):
+    name, log = "preempted", data / "preempted.out"
+    job = cluster.sbatch("slurm/train_student.sbatch", *_student(data, name),
+                         options=(*CPU, "--nodes=1", "--ntasks-per-node=2", "--nodelist=node1", "--output", str(log)),
+                         cwd=ROOT)
+    wait_until(lambda: logged_steps(data / name) >= 3, f"job {job} reaching step 3")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True)
+    wait_until(lambda: cluster.job(job).get("Restarts") == "1" and cluster.states(job) == ["PENDING"],
+               f"job {job} being requeued", timeout=300)
+    saved = (data / name / "checkpoints" / "latest").read_text()
+    assert 3 <= int(saved.removeprefix("step_")) < STEPS
+    cluster.release(job)
+    assert cluster.wait(job) == ["COMPLETED"]
+    text = log.read_text()
+    assert "restart 0" in text and "restart 1" in text and "scontrol requeue" in text
+    assert "resumed from" in text
+    _assert_same_losses(losses(data / name), losses(one_node), rel=1e-6)
+    want = final_weights(one_node, data / "one_node_hf")
+    have = final_weights(data / name, data / "preempted_hf")
+    for key, tensor in want.items():
+        assert (have[key] - tensor).abs().max() <= 1e-6, key
 
 
 def test_two_node_training_with_srun_ranks_matches_one_node(cluster, data, one_node, two_nodes):
