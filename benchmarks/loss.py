@@ -174,7 +174,7 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = ParallelContext.from_env(tp=world)
     group = ctx.tp_group if world > 1 else None
-    times, peak = [], 0.0
+    times, peak, workspace = [], 0.0, 0.0
     for i in range(repeats + 1):
         if method in LINEAR_METHODS:
             inputs = make_linear_inputs(tokens, vocab, hidden, world, rank, kind, dtype)
@@ -190,11 +190,14 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0):
         elapsed = time.perf_counter() - start
         if i == 0:
             peak = (peak_rss_bytes() - base) / logits_bytes
+            grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs.values()
+                        if isinstance(t, torch.Tensor) and t.grad is not None)
+            workspace = peak - grads / logits_bytes
         else:
             times.append(elapsed)
         del inputs
     ctx.destroy()
-    return statistics.median(times), peak
+    return statistics.median(times), peak, workspace
 
 
 def naive_fits(tokens, vocab, kind, tp) -> bool:
@@ -207,7 +210,7 @@ def measure(tokens, vocab, tp, kind, method, repeats, dtype, hidden=0):
     if method == "naive" and not naive_fits(tokens, vocab, kind, tp):
         return None
     results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, hidden, timeout_s=1800)
-    return max(r[0] for r in results), max(r[1] for r in results)
+    return tuple(max(r[i] for r in results) for i in range(3))
 
 
 def unfused_section(args, dtype) -> None:
@@ -215,7 +218,7 @@ def unfused_section(args, dtype) -> None:
     print("|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         for tp in args.tp:
-            ce_time, ce_mem = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats, dtype)
+            ce_time, ce_mem, _ = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats, dtype)
             print(f"| {vocab} | {tp} | hard labels | megatron_ce | {ce_time:.3f} | 1.00 | {ce_mem:.2f} |", flush=True)
             for kind in args.targets:
                 for method in args.methods:
@@ -233,9 +236,10 @@ def fused_section(args, dtype) -> None:
           "then distill_loss) on the same inputs; hard labels also against torch's linear_cross_entropy (tp 1)")
     if not has_torch_lce():
         print(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy: those rows are skipped")
-    print("| V | tp | targets | method | fwd+bwd s | time / unfused | peak extra / logits | time / torch LCE "
-          "| memory / torch LCE |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("workspace: the peak extra less the gradients of hidden and weight, which every method returns")
+    print("| V | tp | targets | method | fwd+bwd s | time / unfused | peak extra / logits | workspace / logits "
+          "| time / torch LCE | memory / torch LCE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         for tp in args.tp:
             for kind in args.targets + ["labels"]:
@@ -245,13 +249,14 @@ def fused_section(args, dtype) -> None:
                 if kind == "labels" and tp == 1 and has_torch_lce():
                     lce = measure(args.tokens, vocab, tp, kind, "torch_lce", args.repeats, dtype, args.hidden)
                     print(f"| {vocab} | {tp} | {label} | torch_lce | {lce[0]:.3f} | {lce[0] / base[0]:.2f} "
-                          f"| {lce[1]:.2f} | 1.00 | 1.00 |", flush=True)
-                print(f"| {vocab} | {tp} | {label} | unfused | {base[0]:.3f} | 1.00 | {base[1]:.2f} | | |", flush=True)
-                for method in ("fused", "fused_recompute"):
+                          f"| {lce[1]:.2f} | {lce[2]:.2f} | 1.00 | 1.00 |", flush=True)
+                print(f"| {vocab} | {tp} | {label} | unfused | {base[0]:.3f} | 1.00 | {base[1]:.2f} | {base[2]:.2f} "
+                      "| | |", flush=True)
+                for method in args.fused_methods:
                     got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype, args.hidden)
                     vs_lce = f"{got[0] / lce[0]:.2f} | {got[1] / max(lce[1], 1e-9):.2f}" if lce else " | "
                     print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / base[0]:.2f} "
-                          f"| {got[1]:.2f} | {vs_lce} |", flush=True)
+                          f"| {got[1]:.2f} | {got[2]:.2f} | {vs_lce} |", flush=True)
 
 
 def main(argv=None) -> None:
@@ -266,6 +271,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", nargs="+", choices=["unfused", "fused"], default=["unfused", "fused"],
                         help="unfused: distill_loss on logits vs megatron CE and naive; fused: distill_linear_loss")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H of the fused section")
+    parser.add_argument("--fused-methods", nargs="+", choices=["fused", "fused_recompute"],
+                        default=["fused", "fused_recompute"],
+                        help="fused: gradients computed in forward (the default); fused_recompute: in backward")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(f"N={args.tokens} tokens, {args.dtype} inputs, forward KL, {cpu_model()}, {torch.get_num_threads()} CPU "

@@ -10,10 +10,14 @@ the gradient in place: g = e_z·a + kd·W, with the temperature-1 softmax of the
 the scalar a when T = 1). Forward KL, the common case, has its own path: Σ p·log(p/q) is the
 teacher's exponentials times t − z − c, summed per row (pairwise: a BLAS dot loses 1e-6 relative),
 and W = −p is those exponentials scaled, so it takes about a dozen passes where the per-outcome
-formulas take twice that (rows whose teacher has −inf logits, 0·inf there, are redone with the
-masked formula). The other divergences go through the
-per-outcome formulas of divergences.py. Chunk-sized temporaries live in the call's Scratch, reused
-by every chunk, since allocating them afresh per chunk costs more than their arithmetic on CPU.
+formulas take twice that (rows whose teacher has −inf logits, 0·inf there, are summed again with
+those terms set to 0). The other divergences go through the per-outcome formulas of divergences.py.
+Chunk-sized temporaries live in the call's Scratch, reused by every chunk, since allocating them
+afresh per chunk costs more than their arithmetic on CPU.
+
+Everything that reads the student's logits (its maximum, the label logit, the top-1 check, t − z for
+KL, z − max for the other divergences) runs before its exponentials are written, so at temperature 1
+the gradient buffer may be the logits themselves: distill_linear_loss's blocks are, which halves them.
 """
 from __future__ import annotations
 
@@ -36,26 +40,36 @@ def dense_chunk(x, grad, teacher, labels, weights, shard: Shard, cfg: Settings) 
     t_local, t_best = _max_and_argmax(t)
     tops = all_reduce(torch.stack([row_max(z), t_local], dim=-1), "max", shard.group)
     z_top, t_top = tops[:, 0], tops[:, 1]
-    direct = grad is not None and grad.dtype == cfg.dtype
-    exp_z = grad[:, :width] if direct else cfg.scratch.get("exp_z", z, cfg.dtype)
-    torch.sub(z, z_top.unsqueeze(-1), out=exp_z).exp_()
-    exp_t = torch.sub(t, t_top.unsqueeze(-1), out=cfg.scratch.get("exp_t", t, cfg.dtype)).exp_()
-    local_st = exp_t.sum(dim=-1)
-    sums, label_rc, exp_x = [exp_z.sum(dim=-1), local_st], None, None
+    # z and x are read before the student's exponentials are written: these go into the gradient buffer,
+    # which may be x itself (distill_linear_loss's blocks at temperature 1)
+    agree = (t_local == t_top) & (z.gather(-1, t_best.unsqueeze(-1)).squeeze(-1) == z_top) if width else t_local > 0
+    label_rc, exp_x, extra = None, None, []
     if labels is not None:
         x_label, label_rc = label_logits(xf, labels, shard)
         if temp != 1.0:
             exp_x = torch.sub(xf, (z_top * temp).unsqueeze(-1), out=cfg.scratch.get("exp_x", xf, cfg.dtype)).exp_()
-        sums += [x_label, exp_x.sum(dim=-1) if exp_x is not None else torch.zeros_like(z_top)]
-    sums = all_reduce(torch.stack(sums, dim=-1), "sum", shard.group)
-    agree = (t_local == t_top) & (z.gather(-1, t_best.unsqueeze(-1)).squeeze(-1) == z_top) if width else t_local > 0
+        extra = [x_label, exp_x.sum(dim=-1) if exp_x is not None else torch.zeros_like(z_top)]
+    kl = cfg.divergence.name == "kl"
+    diff = torch.sub(t, z, out=cfg.scratch.get("diff", t, cfg.dtype)) if kl else None  # t − z, for KL's rows
+    shifted = None  # z − max, for the per-outcome formulas' log q
+    if cfg.has_divergence and not kl:
+        shifted = torch.sub(z, z_top.unsqueeze(-1), out=cfg.scratch.get("shifted", z, cfg.dtype))
+    direct = grad is not None and grad.dtype == cfg.dtype
+    exp_z = grad[:, :width] if direct else cfg.scratch.get("exp_z", z, cfg.dtype)
+    if shifted is not None:
+        torch.exp(shifted, out=exp_z)
+    else:
+        torch.sub(z, z_top.unsqueeze(-1), out=exp_z).exp_()
+    exp_t = torch.sub(t, t_top.unsqueeze(-1), out=cfg.scratch.get("exp_t", t, cfg.dtype)).exp_()
+    local_st = exp_t.sum(dim=-1)
+    sums = all_reduce(torch.stack([exp_z.sum(dim=-1), local_st, *extra], dim=-1), "sum", shard.group)
     parts = [torch.zeros_like(z_top), torch.zeros_like(z_top), agree.to(cfg.dtype)]
     w = None
-    if cfg.divergence.name == "kl":
-        parts[:2] = [_kl_rows(z, t, exp_t, tops, sums, cfg), -local_st / sums[:, 1]]
+    if kl:
+        parts[:2] = [_kl_rows(diff, exp_t, tops, sums), -local_st / sums[:, 1]]
     elif cfg.has_divergence:
-        log_q = z - (z_top + sums[:, 0].log()).unsqueeze(-1)
-        log_p = t - (t_top + sums[:, 1].log()).unsqueeze(-1)
+        log_q = shifted.sub_(sums[:, 0].log().unsqueeze(-1))
+        log_p = (t - t_top.unsqueeze(-1)).sub_(sums[:, 1].log().unsqueeze(-1))  # as log q: equal rows stay equal
         terms, w = outcome_terms(cfg.divergence, cfg.params, log_p, log_q)
         parts[:2] = [terms.sum(dim=-1), w.sum(dim=-1)]
     parts = all_reduce(torch.stack(parts, dim=-1), "sum", shard.group)
@@ -90,16 +104,15 @@ def _max_and_argmax(t: Tensor) -> tuple[Tensor, Tensor]:
     return best.values, best.indices
 
 
-def _kl_rows(z, t, exp_t, tops, sums, cfg: Settings) -> Tensor:
-    """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference."""
+def _kl_rows(diff, exp_t, tops, sums) -> Tensor:
+    """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference
+    and diff = t − z (overwritten)."""
     c = (tops[:, 1] + sums[:, 1].log()) - (tops[:, 0] + sums[:, 0].log())
-    diff = torch.sub(t, z, out=cfg.scratch.get("diff", t, cfg.dtype)).sub_(c.unsqueeze(-1))
-    rows = diff.mul_(exp_t).sum(dim=-1) / sums[:, 1]  # pairwise; a dot loses ~1e-6
+    terms = diff.sub_(c.unsqueeze(-1)).mul_(exp_t)
+    rows = terms.sum(dim=-1) / sums[:, 1]  # pairwise; a dot loses ~1e-6
     redo = rows.isnan().nonzero().squeeze(-1)
-    if redo.numel():  # 0·(−inf) where the teacher gives an id no mass: the masked formula there
-        log_p = t[redo] - (tops[redo, 1] + sums[redo, 1].log()).unsqueeze(-1)
-        log_q = z[redo] - (tops[redo, 0] + sums[redo, 0].log()).unsqueeze(-1)
-        rows[redo] = outcome_terms(cfg.divergence, cfg.params, log_p, log_q)[0].sum(dim=-1)
+    if redo.numel():  # 0·(−inf) where the teacher gives an id no mass: those terms are 0 (0·log 0)
+        rows[redo] = torch.where(exp_t[redo] > 0, terms[redo], 0.0).sum(dim=-1) / sums[redo, 1]
     return rows
 
 

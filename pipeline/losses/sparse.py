@@ -6,7 +6,8 @@ after that is replicated [C, K+1] arithmetic, so no vocabulary-sized tensor ever
 
 The gradient is written during the forward pass into the caller's gradient buffer (the buffer
 itself serves as the exp scratch when the logits are fp32), so the only vocabulary-sized
-temporaries are this chunk's. The trade: the gradient buffer lives from forward to backward,
+temporaries are this chunk's. At temperature 1 the logits are read only before the first write to
+that buffer, so it may be the logits themselves (distill_linear_loss's blocks are, halving them). The trade: the gradient buffer lives from forward to backward,
 which is the same lifetime the gradient would have anyway.
 
 The student's rest mass is a sum over its non-K entries (K entries zeroed before summing), never
@@ -34,14 +35,14 @@ def sparse_chunk(x, grad, ids, logp, log_rest, mode, labels, weights, shard: Sha
     z = xf / temp if temp != 1.0 else xf
     top = all_reduce(row_max(z), "max", shard.group)
     z_at, (rows, slots, cols) = gather_owned(z, ids, shard)
-    exp_rest, in_grad = _exp_scratch(z, top, grad, shard, cfg.dtype)
-    exp_rest[rows, cols] = 0.0
-    packed = [z_at, exp_rest.sum(dim=-1, keepdim=True)]
-    label_rc = None
-    if labels is not None:
+    label_rc, extra = None, []
+    if labels is not None:  # read before the exponentials, which may overwrite x (the fused path at T = 1)
         x_label, label_rc = label_logits(xf, labels, shard)
         sum_x = _exp_sum(xf, top * temp) if temp != 1.0 else torch.zeros_like(top)
-        packed += [x_label.unsqueeze(-1), sum_x.unsqueeze(-1)]
+        extra = [x_label.unsqueeze(-1), sum_x.unsqueeze(-1)]
+    exp_rest, in_grad = _exp_scratch(z, top, grad, shard, cfg.dtype)
+    exp_rest[rows, cols] = 0.0
+    packed = [z_at, exp_rest.sum(dim=-1, keepdim=True), *extra]
     packed = all_reduce(torch.cat(packed, dim=-1), "sum", shard.group)
     k = ids.shape[-1]
     z_at, sum_rest = packed[:, :k], packed[:, k]

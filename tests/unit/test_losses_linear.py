@@ -17,7 +17,7 @@ CASES = all_cases()
 RTOL = 1e-5
 
 
-def both_paths(case, hidden, weight, *, chunk_size=5, grad_scale=1.0, recompute=False):
+def both_paths(case, hidden, weight, *, chunk_size=5, grad_scale=1.0, recompute=False, block_size=None):
     """(fused, unfused) results: loss parts, metrics and the gradients of hidden and weight."""
     inputs = full_inputs(case)
     targets = shard_targets(case, inputs, 0, case.padded_vocab, dtype=torch.float32)
@@ -25,7 +25,7 @@ def both_paths(case, hidden, weight, *, chunk_size=5, grad_scale=1.0, recompute=
     results = []
     for fused in (True, False):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = (distill_linear_loss(h, w, targets, recompute=recompute, **kwargs) if fused
+        out = (distill_linear_loss(h, w, targets, recompute=recompute, block_size=block_size, **kwargs) if fused
                else distill_loss(h @ w.T, targets, **kwargs))
         (out.loss * grad_scale).backward()
         results.append({"loss": out.loss.detach(), "kd": out.kd, "ce": out.ce, "num_tokens": out.num_tokens,
@@ -44,7 +44,8 @@ def assert_same(fused: dict, unfused: dict, rtol=RTOL) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_matches_unfused_on_materialised_logits(case):
-    fused, unfused = both_paths(case, *linear_inputs(case))
+    """Blocks of 7 rows, kernel chunks of 5: several blocks, each ending in a short chunk."""
+    fused, unfused = both_paths(case, *linear_inputs(case), block_size=7)
     assert_same(fused, unfused)
     assert unfused["loss"] > 0 and unfused["grad_weight"].abs().max() > 0  # not a vacuous comparison
     assert fused["grad_weight"][case.vocab:].abs().max() == 0, "padding rows of the weight get no gradient"
@@ -143,3 +144,10 @@ def test_bf16_inputs_accumulate_in_fp32(case):
 def test_bad_inputs_are_named(hidden, weight, message):
     with pytest.raises(LossInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         distill_linear_loss(hidden, weight, None, divergence="ce", labels=torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("block_size", [0, 2.5, True])
+def test_bad_block_size_is_named(block_size):
+    with pytest.raises(LossInputError, match="block_size: expected None"):
+        distill_linear_loss(torch.ones(4, 3), torch.ones(8, 3), None, divergence="ce",
+                            labels=torch.zeros(4, dtype=torch.long), block_size=block_size)
