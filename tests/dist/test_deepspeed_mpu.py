@@ -4,9 +4,10 @@ Two processes, two layouts in one spawn: tp=1 (ZeRO shards over both ranks) and 
 must shard over the DP group of one rank, not the world). Each DP rank trains on its own micro-batch;
 the reference trains one AdamW step on the concatenation of the DP ranks' micro-batches.
 
-DeepSpeed on CPU needs: DS_ACCELERATOR=cpu (else it guesses CPU with a warning), `torch_adam: true`
-(else it JIT-compiles a CPU FusedAdam, about a minute on 2 cores), and a C++ compiler: its CPU
-comm backend JIT-builds `deepspeed_shm_comm` once per machine (~30 s, cached in ~/.cache/torch_extensions).
+DeepSpeed on CPU needs: DS_ACCELERATOR=cpu (else it guesses CPU with a warning) and `torch_adam: true`
+(else it JIT-compiles a CPU FusedAdam, about a minute on 2 cores). DeepSpeed is imported as the trainer
+imports it (`import_deepspeed`), which also keeps its CPU comm backend from JIT-building a shared-memory
+all-reduce op nothing here uses.
 """
 from __future__ import annotations
 
@@ -45,14 +46,15 @@ def _micro_batch(dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _one_zero3_step(rank: int, world_size: int) -> dict:
     os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
     import torch.distributed as dist
 
     from pipeline.parallel import ParallelContext
+    from pipeline.train.engine import import_deepspeed
 
     out = {}
     for tp in LAYOUTS:
         with ParallelContext.from_env(tp=tp) as ctx:
+            deepspeed = import_deepspeed(ctx)
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=_model(), config=copy.deepcopy(CONFIG), mpu=ctx, dist_init_required=False)
             inputs, targets = _micro_batch(ctx.dp_rank)

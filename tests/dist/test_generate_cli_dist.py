@@ -54,16 +54,15 @@ def test_torchrun_tp2_writes_what_tp1_writes(tmp_path):
 
 
 def _save_run(rank: int, world: int, root: str, tokenizer: str) -> None:
-    import deepspeed
-
     from pipeline.config import ComputeConfig, ModelConfig, TrainConfig, config_to_dict, from_dict
     from pipeline.model import save_hf
     from pipeline.model.builder import LlamaGPT
     from pipeline.parallel import ParallelContext
+    from pipeline.train.engine import import_deepspeed
 
-    os.environ["DS_ACCELERATOR"] = "cpu"
     model_cfg = ModelConfig(**MODEL, init_std=0.2)  # large weights: the greedy path depends on the model
     with ParallelContext.from_env(tp=1) as ctx:
+        deepspeed = import_deepspeed(ctx)
         with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG, mpu=ctx, data_parallel_group=ctx.dp_group):
             model = LlamaGPT(model_cfg, ComputeConfig(), ctx, seed=3)
         engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG, mpu=ctx, dist_init_required=False)

@@ -43,17 +43,18 @@ def _full_logits(engine, tokens: torch.Tensor, ctx, vocab: int) -> torch.Tensor:
 
 
 def _train_case(root: Path, tp: int, tied: bool) -> dict:
-    import deepspeed
     import torch.distributed as dist
 
     from pipeline.config import ComputeConfig, ModelConfig, TrainConfig, config_to_dict, from_dict
     from pipeline.losses import distill_loss
     from pipeline.model.builder import LlamaGPT
     from pipeline.parallel import ParallelContext
+    from pipeline.train.engine import import_deepspeed
 
     model_cfg = ModelConfig(**MODEL, tie_embeddings=tied)
     probe = random_tokens(2, 16, seed=7)
     with ParallelContext.from_env(tp=tp) as ctx:
+        deepspeed = import_deepspeed(ctx)
         # data_parallel_group is required: zero.Init ignores mpu's and partitions over the world, which
         # for tp > 1 mixes the TP ranks' shards into one tensor
         with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG, mpu=ctx, data_parallel_group=ctx.dp_group):
