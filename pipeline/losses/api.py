@@ -28,7 +28,7 @@ from pipeline.losses.sparse import sparse_chunk
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 * 2**20
-"""Largest chunk-sized compute-dtype temporary; sparse chunks hold about 2, dense about 10."""
+"""Largest chunk-sized compute-dtype temporary; sparse chunks hold about 2, dense 3 to 10 (forward KL 3)."""
 CHUNKS_PER_BATCH = 32
 MIN_CHUNK_ROWS = 64
 
@@ -135,7 +135,7 @@ def build_plan(student: Tensor, device, targets, *, divergence, tp_group, temper
     count = int(valid.sum())
     scale = 1.0 / max(count, 1)
     per_row = torch.tensor([kd_weight * temperature * scale, ce_weight * scale], dtype=dtype, device=valid.device)
-    plan = _Plan(settings, shard, chunk_size or _auto_chunk(math.prod(lead), local, dtype, dense is not None),
+    plan = _Plan(settings, shard, chunk_size or _auto_chunk(math.prod(lead), local, dtype),
                  valid.reshape(-1, 1).to(dtype) * per_row,
                  None if labels is None else labels.reshape(-1), dense=dense, sparse=sparse)
     return plan, count, scale
@@ -220,13 +220,15 @@ def _sampled_rows(targets: tg.SampledTargets, valid):
     return ids, logp, log_rest, "tail"
 
 
-def _auto_chunk(rows: int, local: int, dtype: torch.dtype, dense: bool) -> int:
-    """Rows per chunk: one [chunk, Vl] temporary is at most CHUNK_BYTES (a quarter of it for dense),
-    and at most 1/CHUNKS_PER_BATCH of the batch, so that temporaries stay small next to the logits
-    (bf16 logits with fp32 temporaries included); never fewer than MIN_CHUNK_ROWS rows, which keeps
-    the per-chunk overhead (kernel launches, two collectives) small."""
+def _auto_chunk(rows: int, local: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: one [chunk, Vl] temporary is at most CHUNK_BYTES, and at most 1/CHUNKS_PER_BATCH
+    of the batch unless that is under MIN_CHUNK_ROWS rows, so that temporaries stay small next to the
+    logits (bf16 logits with fp32 temporaries included) and the per-chunk overhead (kernel launches, two
+    or three collectives) stays small. Dense chunks hold several such temporaries; a quarter of the rows
+    for them, tried before, made the per-chunk collectives cost 2.3-2.6x megatron-core's CE at tp 2
+    (benchmarks/README.md) where full chunks cost 1.97x."""
     row_bytes = local * torch.finfo(dtype).bits // 8
-    by_bytes = max(1, CHUNK_BYTES // (row_bytes * (4 if dense else 1)))
+    by_bytes = max(1, CHUNK_BYTES // row_bytes)
     by_share = max(MIN_CHUNK_ROWS, math.ceil(rows / CHUNKS_PER_BATCH))
     return min(by_bytes, by_share)
 

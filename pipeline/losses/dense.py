@@ -105,8 +105,8 @@ def _max_and_argmax(t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _kl_rows(diff, exp_t, tops, sums) -> Tensor:
-    """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t with c the normalisers' difference
-    and diff = t − z (overwritten)."""
+    """This rank's Σ p·(log p − log q) per row, as (exp_t · (t − z − c)) / S_t, with c the normalisers'
+    difference and diff = t − z (overwritten)."""
     c = (tops[:, 1] + sums[:, 1].log()) - (tops[:, 0] + sums[:, 0].log())
     terms = diff.sub_(c.unsqueeze(-1)).mul_(exp_t)
     rows = terms.sum(dim=-1) / sums[:, 1]  # pairwise; a dot loses ~1e-6

@@ -13,7 +13,8 @@ the chunk kernels' per-row ones). Student logits at the teacher's K ids are read
 row, which exists anyway, so they equal the dot products with the K weight rows exactly.
 
 Design choice: blocks are longer than the kernel's chunks (512 rows when g overwrites the logits, else
-256; chunks are sized for the kernel's temporaries, 16–256 rows). The three matmuls are what a step
+256; chunks are sized for the kernel's temporaries: 16–64 rows, CHUNK_ROWS at most unless chunk_size
+says otherwise). The three matmuls are what a step
 costs here, and short blocks make them slow: at N = 8192, H = 1024, V = 32000 on 2 CPU cores the
 fused loss took 1.37× the unfused one in blocks of the dense chunk (65 rows) and 1.03–1.04× in blocks
 of 256–512 (benchmarks/loss.py, benchmarks/README.md). The cost is BLOCK_ROWS·Vl numbers of buffer
@@ -44,6 +45,8 @@ from pipeline.losses.api import DistillOutput, _Plan, build_plan, output
 from pipeline.losses.divergences import LossInputError
 
 BLOCK_ROWS = 512
+CHUNK_ROWS = 64
+"""The kernel's automatic chunk here is at most this many rows: an eighth of a 512-row block."""
 
 
 class _Fused:
@@ -146,6 +149,8 @@ def distill_linear_loss(hidden: Tensor, weight: Tensor, targets, *, divergence: 
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise LossInputError(f"block_size: expected None (automatic) or an int ≥ 1, got {block_size!r}")
     block = block_size or auto_block(plan)
+    if chunk_size is None:  # the kernel's temporaries (a few [chunk, Vl] for dense targets) stay small
+        plan.chunk = min(plan.chunk, CHUNK_ROWS)
     loss = _LinearDistillLoss.apply(hidden, weight, plan, scale, bool(recompute), block)
     return output(loss, plan, count, scale)
 
@@ -159,9 +164,9 @@ def grad_in_place(plan: _Plan) -> bool:
 
 def auto_block(plan: _Plan) -> int:
     """Token rows per logits block: BLOCK_ROWS rows of [block, Vl] buffers in all (one buffer when the
-    gradient overwrites the logits, else two), and at least one kernel chunk. Longer blocks make the
-    per-block matmuls faster (the weight gradient's update gᵀ·h reads and writes all of [Vl, H] once per
-    block) at BLOCK_ROWS·Vl numbers of memory, whatever the number of tokens."""
+    gradient overwrites the logits, else two), and at least one kernel chunk (of a given chunk_size).
+    Longer blocks make the per-block matmuls faster (the weight gradient's update gᵀ·h reads and writes
+    all of [Vl, H] once per block) at BLOCK_ROWS·Vl numbers of memory, whatever the number of tokens."""
     return max(plan.chunk, BLOCK_ROWS // (1 if grad_in_place(plan) else 2))
 
 

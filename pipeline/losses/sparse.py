@@ -6,9 +6,10 @@ after that is replicated [C, K+1] arithmetic, so no vocabulary-sized tensor ever
 
 The gradient is written during the forward pass into the caller's gradient buffer (the buffer
 itself serves as the exp scratch when the logits are fp32), so the only vocabulary-sized
-temporaries are this chunk's. At temperature 1 the logits are read only before the first write to
-that buffer, so it may be the logits themselves (distill_linear_loss's blocks are, halving them). The trade: the gradient buffer lives from forward to backward,
-which is the same lifetime the gradient would have anyway.
+temporaries are this chunk's. The trade: the gradient buffer lives from forward to backward, which
+is the same lifetime the gradient would have anyway. At temperature 1 the logits are read only before
+the first write to that buffer, so it may be the logits themselves (distill_linear_loss's blocks are,
+halving them).
 
 The student's rest mass is a sum over its non-K entries (K entries zeroed before summing), never
 1 − Σq, which cancels catastrophically when the K ids hold nearly all of the mass.
