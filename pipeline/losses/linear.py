@@ -104,7 +104,7 @@ class _LinearDistillLoss(torch.autograd.Function):
         if recompute:
             ctx.save_for_backward(hidden, weight)
         else:
-            ctx.save_for_backward(None if grad_h is None else grad_h.view(hidden.shape),
+            ctx.save_for_backward(_in_layout_of(hidden, grad_h),
                                   fused.finish_weight_grad(grad_w, weight))
         cfg = plan.settings
         return (cfg.kd_weight * cfg.temperature**2 * plan.sums[0] + cfg.ce_weight * plan.sums[1]) * scale
@@ -116,7 +116,7 @@ class _LinearDistillLoss(torch.autograd.Function):
             hidden, weight = ctx.saved_tensors
             fused = _Fused(ctx.plan, hidden, weight, ctx.block)
             _, grad_h, grad_w = fused.run(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-            grads = [None if grad_h is None else grad_h.view(hidden.shape), fused.finish_weight_grad(grad_w, weight)]
+            grads = [_in_layout_of(hidden, grad_h), fused.finish_weight_grad(grad_w, weight)]
         else:
             grads = list(ctx.saved_tensors)
         if not bool(grad_output == 1):
@@ -124,6 +124,20 @@ class _LinearDistillLoss(torch.autograd.Function):
                 if g is not None:
                     g.mul_(grad_output.to(g.dtype))
         return grads[0], grads[1], None, None, None, None
+
+
+def _in_layout_of(hidden: Tensor, rows: Tensor | None) -> Tensor | None:
+    """The [N, H] row gradient shaped and strided as `hidden` (a transposed view gets a transposed gradient).
+
+    Autograd's own ops keep a view's layout in its gradient, and megatron relies on it: its TP all-reduce of
+    the hidden-state gradient reduces `grad.contiguous()` and returns `grad`, so a gradient that is not
+    contiguous in the layer's own [S, B, H] order would silently stay unreduced.
+    """
+    if rows is None or hidden.is_contiguous():
+        return None if rows is None else rows.view(hidden.shape)
+    out = torch.empty_like(hidden)  # keeps hidden's strides
+    out.copy_(rows.view(hidden.shape))
+    return out
 
 
 def distill_linear_loss(hidden: Tensor, weight: Tensor, targets, *, divergence: str, tp_group=None,

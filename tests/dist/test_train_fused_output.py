@@ -1,6 +1,6 @@
 """`loss.fused_output: true` trains exactly as the unfused run does, at TP 1 and at TP 2.
 
-Two cases, each run unfused and fused for 5 steps (micro-batch 1 × grad_accumulation 2) with the final
+Two cases, each run unfused and fused for 5 steps (micro-batch 2 × grad_accumulation 2) with the final
 evaluation (CE and KL on a held-out cache) on: a top-K teacher cache with forward KL mixed with some CE and an
 untied output layer, and hard-label CE with tied embeddings (the output layer uses the embedding's weight,
 whose gradient then comes from both uses). The TP 1 runs share one process, the TP 2 runs two gloo processes.
@@ -9,6 +9,9 @@ Each process counts its `distill_linear_loss` calls, so a fused run that silentl
 Fused and unfused differ only in summation order (the output layer's products are accumulated per block), so
 the losses and the eval figures agree within 1e-5, and the final parameters as closely as the TP 2 equivalence
 test allows (most within 1e-5; Adam's g/√v magnifies fp32 rounding in rarely-seen embedding rows).
+A micro-batch of 2 matters: megatron's hidden states are [S, B, H], so the loss sees a transposed view, and
+at TP 2 a hidden-state gradient not laid out as that view was silently left unreduced by megatron's
+all-reduce (micro-batch 1 hides it, the transpose being contiguous then).
 """
 from __future__ import annotations
 
@@ -45,13 +48,13 @@ def _train(rank: int, world: int, runs: list) -> list:
 @pytest.mark.dist
 def test_fused_output_trains_as_unfused_at_tp1_and_tp2(tmp_path):
     tokens = tmp_path / "tokens"
-    make_token_shards(tokens, [10, 10], seq_len=16, vocab_size=300, seed=0)
+    make_token_shards(tokens, [20, 20], seq_len=16, vocab_size=300, seed=0)
     cache = teacher_cache(tmp_path, tokens)
     evaluation = dict(data__eval_tokens=tokens, data__eval_teacher_cache=cache, eval__batches=1)
     cases = {"sparse": dict(cache=cache, loss__ce_weight=0.2),
              "ce_tied": dict(model__tie_embeddings="true")}
     names = [(case, tp, fused) for tp in (1, 2) for case in cases for fused in (False, True)]
-    runs = {name: student_overrides(tmp_path / "_".join(map(str, name)), tokens, steps=STEPS, micro_batch=1,
+    runs = {name: student_overrides(tmp_path / "_".join(map(str, name)), tokens, steps=STEPS, micro_batch=2,
                                     grad_accumulation=2, tp=name[1], loss__fused_output=str(name[2]).lower(),
                                     **evaluation, **cases[name[0]]) for name in names}
     by_tp = {tp: [name for name in names if name[1] == tp] for tp in (1, 2)}

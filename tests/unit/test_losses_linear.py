@@ -151,3 +151,20 @@ def test_bad_block_size_is_named(block_size):
     with pytest.raises(LossInputError, match="block_size: expected None"):
         distill_linear_loss(torch.ones(4, 3), torch.ones(8, 3), None, divergence="ce",
                             labels=torch.zeros(4, dtype=torch.long), block_size=block_size)
+
+
+def test_hidden_gradient_keeps_the_layout_of_a_transposed_view():
+    """megatron's [S, B, H] states reach the loss as a [B, S, H] view; the gradient must come back contiguous
+    in [S, B, H] order, as autograd's own ops do (megatron's TP all-reduce drops a non-contiguous gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(5, 3, 8, generator=gen, requires_grad=True)  # [S, B, H]
+    weight = torch.randn(11, 8, generator=gen)
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    captured = []
+    view = states.transpose(0, 1)
+    view.register_hook(lambda g: captured.append(g))
+    distill_linear_loss(view, weight, None, divergence="ce", labels=labels).loss.backward()
+    assert captured[0].stride() == view.stride() and states.grad.is_contiguous()
+    plain = states.detach().clone().requires_grad_()
+    distill_loss(plain.transpose(0, 1) @ weight.T, None, divergence="ce", labels=labels).loss.backward()
+    torch.testing.assert_close(states.grad, plain.grad, rtol=1e-5, atol=1e-7)
