@@ -5,20 +5,19 @@ weight [Vl, H], and works in blocks of B token rows: a block's logits are `h_blo
 buffer, accumulated in fp32, or float64 for float64 inputs), the dense or sparse chunk kernel of
 `distill_loss` turns them, a chunk of rows at a time, into the block's loss sums and logits gradient g,
 and g is folded at once into grad_hidden[block] = g·W and grad_W += gᵀ·h_block (both accumulated in
-fp32). g overwrites the logits where the kernel allows it (sparse targets at temperature 1: the kernel
-reads the logits only before it writes g) and takes a second [B, Vl] buffer elsewhere. So the only
+fp32). At temperature 1, g overwrites the logits (both kernels read the logits only before they
+write g); at other temperatures it takes a second [B, Vl] buffer. So the only
 vocabulary-sized memory is BLOCK_ROWS rows of [·, Vl] buffers and the kernel's chunk temporaries,
 whatever N: no [N, Vl] logits, no [N, Vl] gradient, no all-gather of the vocabulary (the collectives are
 the chunk kernels' per-row ones). Student logits at the teacher's K ids are read from the block's logits
 row, which exists anyway, so they equal the dot products with the K weight rows exactly.
 
 Design choice: blocks are longer than the kernel's chunks (512 rows when g overwrites the logits, else
-256; chunks are sized for the kernel's temporaries: 16–64 rows, CHUNK_ROWS at most unless chunk_size
-says otherwise). The three matmuls are what a step
-costs here, and short blocks make them slow: at N = 8192, H = 1024, V = 32000 on 2 CPU cores the
-fused loss took 1.37× the unfused one in blocks of the dense chunk (65 rows) and 1.03–1.04× in blocks
-of 256–512 (benchmarks/loss.py, benchmarks/README.md). The cost is BLOCK_ROWS·Vl numbers of buffer
-(262 MB at Vl = 128k), fixed, where the logits grow with N.
+256; chunks are sized for the kernel's temporaries, at most CHUNK_ROWS unless chunk_size says
+otherwise). The three matmuls are what a call costs, and short blocks make them slow: at N = 8192,
+H = 1024, V = 32000 on 2 CPU cores the fused loss took 1.37× the unfused one in blocks of the dense
+chunk (65 rows), 1.11× in blocks of 256 sparse rows, and 0.95–1.05× now (benchmarks/README.md). The
+cost is BLOCK_ROWS·Vl numbers of buffer (262 MB at Vl = 128k), fixed, where the logits grow with N.
 
 Second design choice: the gradients are computed in the forward pass (the default) and backward only
 scales them by the incoming gradient (in place, as `distill_loss` does). The alternative,

@@ -1,4 +1,4 @@
-"""`launchers/local.sh` for real: train a tiny student with two torchrun ranks, stop it, export it, refuse a bogus stage.
+"""`launchers/local.sh` for real: train a tiny student on two torchrun ranks, stop and export it, refuse a bad stage.
 
 Runs the script from another working directory, as a user would, so the repo is found from the script's
 own path. The student is tests/trainkit.py's (CE only, no teacher), a few milliseconds a step on CPU.
