@@ -77,7 +77,7 @@ class LossConfig:
     fused_output: bool = setting(
         True, "Compute the loss inside the output layer from its hidden states and weight slice "
               "(distill_linear_loss), so the [tokens, vocabulary] logits and their gradient never exist: the "
-              "loss's working memory was 0.07-0.13x the logits' size instead of 1.9x, at 0.95-1.05x the unfused "
+              "loss's working memory was 0.07-0.11x the logits' size instead of 1.9x, at 0.98-1.05x the unfused "
               "loss's time (benchmarks/README.md, N=8192, H=1024, V=32000 and 128256, TP 1 and 2, CPU). Same "
               "losses and gradients up to summation order. false computes the logits and calls distill_loss.")
     kl_warmup_steps: int = setting(

@@ -16,7 +16,7 @@ Design choice: blocks are longer than the kernel's chunks (512 rows when g overw
 256; chunks are sized for the kernel's temporaries, at most CHUNK_ROWS unless chunk_size says
 otherwise). The three matmuls are what a call costs, and short blocks make them slow: at N = 8192,
 H = 1024, V = 32000 on 2 CPU cores the fused loss took 1.37× the unfused one in blocks of the dense
-chunk (65 rows), 1.11× in blocks of 256 sparse rows, and 0.95–1.05× now (benchmarks/README.md). The
+chunk (65 rows), 1.11× in blocks of 256 sparse rows, and 0.98–1.05× now (benchmarks/README.md). The
 cost is BLOCK_ROWS·Vl numbers of buffer (262 MB at Vl = 128k), fixed, where the logits grow with N.
 
 Second design choice: the gradients are computed in the forward pass (the default) and backward only
