@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -122,15 +121,15 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank, launcher=launcher)
 
 
-def _rendezvous_url(env: Mapping[str, str], world_size: int) -> str:
-    """tcp:// address of rank 0's store: MASTER_ADDR/MASTER_PORT, or a free local port for a world of one."""
+def _rendezvous(env: Mapping[str, str], world_size: int) -> dict:
+    """How rank 0's store is reached: MASTER_ADDR/MASTER_PORT over TCP, or, for a world of one launched without
+    them, an in-process HashStore (a free port picked here could be taken by another process before the store
+    binds it, and one process has nobody to meet)."""
     if world_size == 1 and "MASTER_ADDR" not in env and "MASTER_PORT" not in env:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        return {"store": dist.HashStore()}
     if "MASTER_ADDR" not in env:
         raise RuntimeError(f"environment variable MASTER_ADDR is not set; {_HINTS['rendezvous']}")
-    return f"tcp://{env['MASTER_ADDR']}:{_env_int(env, 'MASTER_PORT', 'rendezvous')}"
+    return {"init_method": f"tcp://{env['MASTER_ADDR']}:{_env_int(env, 'MASTER_PORT', 'rendezvous')}"}
 
 
 def _resolve_backend(backend: str) -> str:
@@ -149,7 +148,7 @@ def _init_default_group(launch: LaunchEnv, backend: str, timeout_minutes: float)
     if backend == "nccl":
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=_rendezvous_url(os.environ, launch.world_size),
+    dist.init_process_group(backend, **_rendezvous(os.environ, launch.world_size),
                             rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(minutes=timeout_minutes))
     return device

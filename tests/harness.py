@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import random
 import socket
 import traceback
 from typing import Any, Callable
@@ -21,11 +22,32 @@ import torch.multiprocessing as mp
 DEFAULT_TIMEOUT_S = 300
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on localhost that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on localhost that is free right now, drawn below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the ephemeral range, where any outgoing connection
+    (another test's gloo mesh, say) may take it before rank 0's store binds it; that raced once in CI as
+    EADDRINUSE. Ports below the range are only ever taken on purpose, and a random draw keeps two xdist
+    workers apart."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 below the ephemeral range (starts at {low})")
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
@@ -58,6 +80,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     AssertionError that quotes the traceback of every rank that failed, or names the ranks that
     neither finished nor failed within `timeout_s`.
     """
+    for _ in range(3):
+        outcomes = _run_once(fn, world_size, args, timeout_s)
+        if not any(s == "error" and "EADDRINUSE" in p for s, p in outcomes.values()):
+            break  # a port taken between free_port() and the store's bind is the one failure worth a retry
+    return _verdict(outcomes, world_size, timeout_s)
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -70,7 +100,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
         if proc.is_alive():
             proc.kill()
             proc.join()
-    return _verdict(outcomes, world_size, timeout_s)
+    return outcomes
 
 
 def _collect(results, world_size: int, timeout_s: float) -> dict:

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.harness import free_port
+
 DAEMONS = ("slurmctld", "slurmd")
 PACKAGES = ("slurm-wlm", "munge")
 
@@ -39,12 +41,6 @@ def install_reason() -> str | None:
         if result.returncode != 0:
             return f"apt-get could not install {' '.join(PACKAGES)}: {result.stderr.strip()[-500:]}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SlurmCluster:
@@ -79,8 +75,8 @@ class SlurmCluster:
     def _conf_lines(self) -> list[str]:
         """Every slurm.conf line but the controller's host and the nodes."""
         f = self.folder
-        return ["ClusterName=distilltest", "SlurmUser=root", "SlurmdUser=root", f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}", "AuthType=auth/munge", f"AuthInfo=socket={f}/munge/munge.socket",
+        return ["ClusterName=distilltest", "SlurmUser=root", "SlurmdUser=root", f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}", "AuthType=auth/munge", f"AuthInfo=socket={f}/munge/munge.socket",
                 f"StateSaveLocation={f}/state", f"SlurmctldPidFile={f}/slurmctld.pid",
                 f"SlurmctldLogFile={f}/log/slurmctld.log", "ProctrackType=proctrack/linuxproc",
                 "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
