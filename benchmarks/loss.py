@@ -14,7 +14,7 @@ recomputed in backward (`fused_recompute`); peak extra memory is above the input
 targets) and is given as a multiple of this rank's fp32 logits [N, Vl], which the fused path never
 allocates. For hard labels (divergence ce) it adds torch.nn.functional.linear_cross_entropy with its
 chunked options at tp = 1 (it is not vocabulary-parallel), where this torch has it.
-Run: .venv/bin/python benchmarks/loss.py [--tokens 8192] [--sections unfused fused] [--hidden 1024]
+Run: .venv/bin/python benchmarks/loss.py [--tokens 8192] [--sections unfused fused] [--hidden 1024] [--divergence kl]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pipeline.losses.divergences import DIVERGENCES  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 
 MEMORY_BUDGET = 20 * 2**30
@@ -65,16 +66,16 @@ def make_inputs(tokens, vocab, tp, tp_rank, kind, dtype=torch.float32, k=32):
     return inputs
 
 
-def ours(inputs, group, kind):
+def ours(inputs, group, kind, divergence="kl"):
     from pipeline.losses import DenseTargets, SparseTargets, distill_loss
     targets = DenseTargets(inputs["teacher"]) if kind == "dense" else \
         SparseTargets(inputs["ids"], inputs["logp"], inputs["log_rest"])
     x = inputs["student"].requires_grad_()
-    distill_loss(x, targets, divergence="kl", tp_group=group).loss.backward()
+    distill_loss(x, targets, divergence=divergence, tp_group=group).loss.backward()
     return x
 
 
-def naive(inputs, group, kind):
+def naive(inputs, group, kind, divergence="kl"):  # forward KL only
     from torch.distributed.nn.functional import all_gather
     x = inputs["student"].requires_grad_()
     full = torch.cat(all_gather(x, group=group), dim=-1) if group is not None else x
@@ -93,7 +94,7 @@ def naive(inputs, group, kind):
     return x
 
 
-def megatron_ce(inputs, group, kind):
+def megatron_ce(inputs, group, kind, divergence=None):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     x = inputs["student"].requires_grad_()
     vocab_parallel_cross_entropy(x, inputs["labels"]).mean().backward()
@@ -113,7 +114,7 @@ def make_linear_inputs(tokens, vocab, hidden, tp, tp_rank, kind, dtype=torch.flo
     return inputs
 
 
-def _linear_call(inputs, group, kind, fn):
+def _linear_call(inputs, group, kind, fn, divergence):
     from pipeline.losses import DenseTargets, SparseTargets
     h, w = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_()
     if kind == "labels":
@@ -121,27 +122,27 @@ def _linear_call(inputs, group, kind, fn):
     else:
         targets = DenseTargets(inputs["teacher"]) if kind == "dense" else \
             SparseTargets(inputs["ids"], inputs["logp"], inputs["log_rest"])
-        out = fn(h, w, targets, divergence="kl", tp_group=group)
+        out = fn(h, w, targets, divergence=divergence, tp_group=group)
     out.loss.backward()
     return h
 
 
-def unfused(inputs, group, kind):
+def unfused(inputs, group, kind, divergence="kl"):
     from pipeline.losses import distill_loss
-    return _linear_call(inputs, group, kind, lambda h, w, t, **kw: distill_loss(h @ w.T, t, **kw))
+    return _linear_call(inputs, group, kind, lambda h, w, t, **kw: distill_loss(h @ w.T, t, **kw), divergence)
 
 
-def fused(inputs, group, kind, recompute=False):
+def fused(inputs, group, kind, divergence="kl", recompute=False):
     from pipeline.losses import distill_linear_loss
     return _linear_call(inputs, group, kind, lambda h, w, t, **kw: distill_linear_loss(h, w, t, recompute=recompute,
-                                                                                       **kw))
+                                                                                       **kw), divergence)
 
 
-def fused_recompute(inputs, group, kind):
-    return fused(inputs, group, kind, recompute=True)
+def fused_recompute(inputs, group, kind, divergence="kl"):
+    return fused(inputs, group, kind, divergence, recompute=True)
 
 
-def torch_lce(inputs, group, kind):
+def torch_lce(inputs, group, kind, divergence=None):
     import torch.nn.functional as F
     h, w = inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_()
     F.linear_cross_entropy(h, w, inputs["labels"], options=torch.nn.LinearCrossEntropyOptions()).backward()
@@ -165,7 +166,7 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
-def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0):
+def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0, divergence="kl"):
     """Peak memory from the first run (a fresh process: nothing freed yet to blur the base), then
     the median time of `repeats` further runs."""
     import megatron.core.tensor_parallel  # noqa: F401 - imported before measuring, not during
@@ -186,7 +187,7 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0):
         reset_peak()
         dist.barrier()
         start = time.perf_counter()
-        METHODS[method](inputs, group, kind)
+        METHODS[method](inputs, group, kind, divergence)
         elapsed = time.perf_counter() - start
         if i == 0:
             peak = (peak_rss_bytes() - base) / logits_bytes
@@ -206,10 +207,11 @@ def naive_fits(tokens, vocab, kind, tp) -> bool:
     return per_rank * tp < MEMORY_BUDGET
 
 
-def measure(tokens, vocab, tp, kind, method, repeats, dtype, hidden=0):
-    if method == "naive" and not naive_fits(tokens, vocab, kind, tp):
+def measure(tokens, vocab, tp, kind, method, repeats, dtype, hidden=0, divergence="kl"):
+    if method == "naive" and (divergence != "kl" or not naive_fits(tokens, vocab, kind, tp)):
         return None
-    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, hidden, timeout_s=1800)
+    results = run_distributed(worker, tp, tokens, vocab, kind, method, repeats, dtype, hidden, divergence,
+                              timeout_s=1800)
     return tuple(max(r[i] for r in results) for i in range(3))
 
 
@@ -220,12 +222,13 @@ def unfused_section(args, dtype) -> None:
         for tp in args.tp:
             ce_time, ce_mem, _ = measure(args.tokens, vocab, tp, "sparse", "megatron_ce", args.repeats, dtype)
             print(f"| {vocab} | {tp} | hard labels | megatron_ce | {ce_time:.3f} | 1.00 | {ce_mem:.2f} |", flush=True)
-            for kind in args.targets:
+            for kind in [k for k in args.targets if k != "labels"]:
                 for method in args.methods:
-                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype)
+                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype, divergence=args.divergence)
                     label = f"{kind} K=32" if kind == "sparse" else kind
                     if got is None:
-                        print(f"| {vocab} | {tp} | {label} | {method} | skipped: over {MEMORY_BUDGET >> 30} GiB | | |")
+                        why = "forward KL only" if args.divergence != "kl" else f"over {MEMORY_BUDGET >> 30} GiB"
+                        print(f"| {vocab} | {tp} | {label} | {method} | skipped: {why} | | |")
                     else:
                         print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / ce_time:.2f} "
                               f"| {got[1]:.2f} |", flush=True)
@@ -240,11 +243,12 @@ def fused_section(args, dtype) -> None:
     print("| V | tp | targets | method | fwd+bwd s | time / unfused | peak extra / logits | workspace / logits "
           "| time / torch LCE | memory / torch LCE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    div = args.divergence
     for vocab in args.vocab:
         for tp in args.tp:
-            for kind in args.targets + ["labels"]:
+            for kind in args.targets:
                 label = {"sparse": "sparse K=32", "dense": "dense", "labels": "hard labels (ce)"}[kind]
-                base = measure(args.tokens, vocab, tp, kind, "unfused", args.repeats, dtype, args.hidden)
+                base = measure(args.tokens, vocab, tp, kind, "unfused", args.repeats, dtype, args.hidden, div)
                 lce = None
                 if kind == "labels" and tp == 1 and has_torch_lce():
                     lce = measure(args.tokens, vocab, tp, kind, "torch_lce", args.repeats, dtype, args.hidden)
@@ -253,7 +257,7 @@ def fused_section(args, dtype) -> None:
                 print(f"| {vocab} | {tp} | {label} | unfused | {base[0]:.3f} | 1.00 | {base[1]:.2f} | {base[2]:.2f} "
                       "| | |", flush=True)
                 for method in args.fused_methods:
-                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype, args.hidden)
+                    got = measure(args.tokens, vocab, tp, kind, method, args.repeats, dtype, args.hidden, div)
                     vs_lce = f"{got[0] / lce[0]:.2f} | {got[1] / max(lce[1], 1e-9):.2f}" if lce else " | "
                     print(f"| {vocab} | {tp} | {label} | {method} | {got[0]:.3f} | {got[0] / base[0]:.2f} "
                           f"| {got[1]:.2f} | {got[2]:.2f} | {vs_lce} |", flush=True)
@@ -267,7 +271,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the logits' dtype")
     parser.add_argument("--methods", nargs="+", choices=["ours", "naive"], default=["ours", "naive"])
-    parser.add_argument("--targets", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
+    parser.add_argument("--targets", nargs="+", choices=["sparse", "dense", "labels"],
+                        default=["sparse", "dense", "labels"],
+                        help="teacher targets: sparse top-32, dense logits, or hard labels (divergence ce; fused only)")
+    parser.add_argument("--divergence", default="kl", choices=sorted(set(DIVERGENCES) - {"ce"}),
+                        help="the divergence for sparse and dense targets (naive rows are forward KL only)")
     parser.add_argument("--sections", nargs="+", choices=["unfused", "fused"], default=["unfused", "fused"],
                         help="unfused: distill_loss on logits vs megatron CE and naive; fused: distill_linear_loss")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size H of the fused section")
@@ -276,8 +284,8 @@ def main(argv=None) -> None:
                         help="fused: gradients computed in forward (the default); fused_recompute: in backward")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    print(f"N={args.tokens} tokens, {args.dtype} inputs, forward KL, {cpu_model()}, {torch.get_num_threads()} CPU "
-          f"threads, torch {torch.__version__}")
+    print(f"N={args.tokens} tokens, {args.dtype} inputs, divergence {args.divergence}, {cpu_model()}, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     if "unfused" in args.sections:
         unfused_section(args, dtype)
     if "fused" in args.sections:
