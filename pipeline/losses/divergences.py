@@ -29,57 +29,85 @@ class LossInputError(ValueError):
     """Bad input to the distillation loss: the message names the argument and what was expected."""
 
 
-def _plogratio(prob: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
-    """prob·(log_a − log_b), defined as 0 wherever prob is 0 (0·log 0 = 0, never NaN)."""
-    return torch.where(prob > 0, (log_a - log_b).mul_(prob), 0.0)
+Buffers = Callable[..., Tensor]
+"""buf(name, dtype=None): a tensor shaped like log_p to write into (a chunk's reused scratch, or fresh)."""
 
 
-def _kl(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
-    p = log_p.exp()
-    return _plogratio(p, log_p, log_q), -p
+def _plogratio(prob: Tensor, log_a: Tensor, log_b: Tensor, out: Tensor, buf: Buffers) -> Tensor:
+    """prob·(log_a − log_b) into `out` (which may be log_a or log_b), 0 wherever prob is not > 0
+    (0·log 0 = 0, never NaN)."""
+    torch.sub(log_a, log_b, out=out).mul_(prob)
+    return out.masked_fill_(torch.gt(prob, 0, out=buf("positive", torch.bool)).logical_not_(), 0.0)
 
 
-def _rkl(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
-    q = log_q.exp()
-    term = _plogratio(q, log_q, log_p.clamp_min(LOGP_FLOOR))
+def _exp(log_x: Tensor, name: str, buf: Buffers) -> Tensor:
+    return torch.exp(log_x, out=buf(name))
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight: float, buf: Buffers) -> Tensor:
+    """log(weight·a + (1 − weight)·b) from log a and log b."""
+    shifted_a = torch.add(log_a, math.log(weight), out=buf("mix_a"))
+    shifted_b = torch.add(log_b, math.log1p(-weight), out=buf("mix_b"))
+    return torch.logaddexp(shifted_a, shifted_b, out=buf("log_m"))
+
+
+def _kl(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
+    p = _exp(log_p, "p", buf)
+    return _plogratio(p, log_p, log_q, buf("term"), buf), p.neg_()
+
+
+def _rkl(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
+    q = _exp(log_q, "q", buf)
+    floored = torch.clamp_min(log_p, LOGP_FLOOR, out=buf("term"))
+    term = _plogratio(q, log_q, floored, floored, buf)
     return term, term
 
 
-def _js(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
+def _js(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
     beta = params["beta"]
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    p, q = log_p.exp(), log_q.exp()
-    q_part = _plogratio(q, log_q, log_m)
-    return beta * _plogratio(p, log_p, log_m) + (1.0 - beta) * q_part, (1.0 - beta) * q_part
+    log_m = _log_mix(log_p, log_q, beta, buf)
+    p, q = _exp(log_p, "p", buf), _exp(log_q, "q", buf)
+    w = _plogratio(q, log_q, log_m, buf("w"), buf).mul_(1.0 - beta)  # (1 − β)·q·log(q/m)
+    term = _plogratio(p, log_p, log_m, log_m, buf).mul_(beta)
+    return term.add_(w), w
 
 
-def _tvd(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
-    p, q = log_p.exp(), log_q.exp()
-    return 0.5 * (p - q).abs(), 0.5 * q * torch.sign(q - p)
+def _tvd(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
+    p, q = _exp(log_p, "p", buf), _exp(log_q, "q", buf)
+    w = torch.sub(q, p, out=buf("w")).sign_().mul_(q).mul_(0.5)
+    return torch.sub(p, q, out=p).abs_().mul_(0.5), w
 
 
-def _skew_kl(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
+def _q_over_m(prob: Tensor, log_q: Tensor, log_m: Tensor, buf: Buffers) -> Tensor:
+    """q/m, as exp(log q − log m), where prob > 0 and 0 elsewhere."""
+    ratio = torch.sub(log_q, log_m, out=buf("ratio")).exp_()
+    return ratio.masked_fill_(torch.gt(prob, 0, out=buf("positive", torch.bool)).logical_not_(), 0.0)
+
+
+def _skew_kl(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
     alpha = params["alpha"]
     if alpha == 0.0:
-        return _kl(log_p, log_q, params)
-    log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
-    p = log_p.exp()
-    q_over_m = torch.where(p > 0, (log_q - log_m).exp(), torch.zeros_like(p))
-    return _plogratio(p, log_p, log_m), -(1.0 - alpha) * p * q_over_m
+        return _kl(log_p, log_q, params, buf)
+    log_m = _log_mix(log_p, log_q, alpha, buf)
+    p = _exp(log_p, "p", buf)
+    w = _q_over_m(p, log_q, log_m, buf)
+    w.mul_(torch.mul(p, -(1.0 - alpha), out=buf("w")))  # −(1 − α)·p·q/m
+    return _plogratio(p, log_p, log_m, log_m, buf), w
 
 
-def _skew_rkl(log_p: Tensor, log_q: Tensor, params: dict) -> tuple[Tensor, Tensor]:
+def _skew_rkl(log_p: Tensor, log_q: Tensor, params: dict, buf: Buffers) -> tuple[Tensor, Tensor]:
     alpha = params["alpha"]
     if alpha == 0.0:
-        return _rkl(log_p, log_q, params)
-    log_m = torch.logaddexp(log_q + math.log(alpha), log_p + math.log1p(-alpha))
-    q = log_q.exp()
-    term = _plogratio(q, log_q, log_m)
-    q_over_m = torch.where(q > 0, (log_q - log_m).exp(), torch.zeros_like(q))
-    return term, term - alpha * q * q_over_m
+        return _rkl(log_p, log_q, params, buf)
+    log_m = _log_mix(log_q, log_p, alpha, buf)
+    q = _exp(log_q, "q", buf)
+    ratio = _q_over_m(q, log_q, log_m, buf)
+    term = _plogratio(q, log_q, log_m, log_m, buf)
+    ratio.mul_(torch.mul(q, alpha, out=buf("w")))  # α·q·q/m
+    return term, torch.sub(term, ratio, out=ratio)
 
 
-Formula = Callable[[Tensor, Tensor, dict], "tuple[Tensor, Tensor]"]
+Formula = Callable[[Tensor, Tensor, dict, Buffers], "tuple[Tensor, Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,14 @@ def resolve_divergence(name: str, given: dict) -> tuple[Divergence, dict]:
     return div, params
 
 
-def outcome_terms(div: Divergence, params: dict, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-outcome (term, W) for teacher/student log-probabilities of the same shape."""
-    return div.formula(log_p, log_q, params)
+def outcome_terms(div: Divergence, params: dict, log_p: Tensor, log_q: Tensor,
+                  buf: Buffers | None = None) -> tuple[Tensor, Tensor]:
+    """Per-outcome (term, W) for teacher/student log-probabilities of the same shape.
+
+    The formulas write into buffers from `buf` (see Buffers), never into log_p or log_q, and the results
+    live in them until the next call with the same `buf`; without one each buffer is fresh.
+    """
+    if buf is None:
+        def buf(name: str, dtype: torch.dtype | None = None) -> Tensor:
+            return torch.empty_like(log_p, dtype=dtype)
+    return div.formula(log_p, log_q, params, buf)

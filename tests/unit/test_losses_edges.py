@@ -183,3 +183,31 @@ def test_divergence_is_reported_even_when_its_weight_is_zero():
     pure_kd = distill_loss(student, DenseTargets(teacher), divergence="kl", labels=labels, ce_weight=0.0)
     assert pure_ce.kd.item() == pytest.approx(pure_kd.kd.item(), rel=1e-6) and pure_ce.kd > 0
     assert pure_ce.loss.item() == pytest.approx(pure_kd.ce.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_formulas_in_reused_buffers_equal_fresh_ones_and_leave_their_inputs(divergence):
+    """The dense kernel hands the per-outcome formulas one set of buffers for every chunk: a formula that
+    read a buffer it had already overwritten, wrote into log_p or log_q, or returned a result living in a
+    buffer another result then overwrote, would differ here from the fresh-buffer call."""
+    from pipeline.losses.divergences import outcome_terms, resolve_divergence
+    from pipeline.losses.shard import Scratch
+
+    div, params = resolve_divergence(divergence, {})
+    scratch = Scratch()
+
+    def buf(name, dtype=None):
+        return scratch.get(name, torch.empty(N, V), dtype or torch.float32)
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second call reuses what the first left in the buffers
+        log_p = torch.randn(N, V, generator=gen).mul(3).log_softmax(-1)
+        log_p[0, :3] = float("-inf")  # zero teacher mass: the 0·log 0 and floor branches
+        log_q = torch.randn(N, V, generator=gen).mul(3).log_softmax(-1)
+        log_q[1] = log_p[1]  # equal rows: terms and W of exactly 0 for the symmetric parts
+        before = (log_p.clone(), log_q.clone())
+        fresh = outcome_terms(div, params, log_p, log_q)
+        reused = outcome_terms(div, params, log_p, log_q, buf)
+        assert torch.equal(log_p, before[0]) and torch.equal(log_q, before[1])
+        for got, want in zip(reused, fresh):
+            assert torch.equal(got, want)
