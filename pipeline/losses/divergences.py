@@ -11,6 +11,12 @@ Zero-probability outcomes never produce NaN: terms of the form a·log(a/b) are 0
 Where the true divergence is infinite (the student puts mass where the teacher puts none, in the
 reverse directions), the teacher's log-probability is floored at LOGP_FLOOR, so the loss is large
 and finite instead of inf. That floor is the only place these formulas depart from the definitions.
+
+The formulas write every [rows, outcomes] temporary into named buffers that the caller may reuse (the
+dense kernel hands them its chunk Scratch), never into a fresh tensor: on CPU, fresh vocabulary-sized
+temporaries freed every chunk fragmented the heap until a call's resident set grew 0.4-0.5x the logits
+(benchmarks/README.md). The cost is formulas in out=/in-place style, each op ordered as the plain
+expression so results are bit-identical to it; tests/reference.py keeps the plain expressions.
 """
 from __future__ import annotations
 
