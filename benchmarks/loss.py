@@ -149,6 +149,9 @@ def torch_lce(inputs, group, kind, divergence=None):
     return h
 
 
+FORMULA_ENV = "DISTILL_BENCH_FORMULA_ELEMENTS"
+"""How --formula-elements reaches the worker processes."""
+
 METHODS = {"ours": ours, "naive": naive, "megatron_ce": megatron_ce, "unfused": unfused, "fused": fused,
            "fused_recompute": fused_recompute, "torch_lce": torch_lce}
 LINEAR_METHODS = ("unfused", "fused", "fused_recompute", "torch_lce")
@@ -173,6 +176,9 @@ def worker(rank, world, tokens, vocab, kind, method, repeats, dtype, hidden=0, d
     import pipeline.losses  # noqa: F401
     from pipeline.parallel import ParallelContext
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if FORMULA_ENV in os.environ:  # --formula-elements, set by main for every worker it starts
+        import pipeline.losses.dense as dense
+        dense.CPU_FORMULA_ELEMENTS = int(os.environ[FORMULA_ENV])
     ctx = ParallelContext.from_env(tp=world)
     group = ctx.tp_group if world > 1 else None
     times, peak, workspace = [], 0.0, 0.0
@@ -282,9 +288,17 @@ def main(argv=None) -> None:
     parser.add_argument("--fused-methods", nargs="+", choices=["fused", "fused_recompute"],
                         default=["fused", "fused_recompute"],
                         help="fused: gradients computed in forward (the default); fused_recompute: in backward")
+    parser.add_argument("--formula-elements", type=int, default=None, metavar="N",
+                        help="numbers per row block of the dense per-outcome formulas (rkl, js, tvd, skew KLs) "
+                             "instead of pipeline/losses/dense.py's CPU_FORMULA_ELEMENTS, to compare block sizes")
     args = parser.parse_args(argv)
+    if args.formula_elements is not None:
+        if args.formula_elements < 1:
+            parser.error(f"--formula-elements: expected an int >= 1, got {args.formula_elements}")
+        os.environ[FORMULA_ENV] = str(args.formula_elements)
     dtype = getattr(torch, args.dtype)
-    print(f"N={args.tokens} tokens, {args.dtype} inputs, divergence {args.divergence}, {cpu_model()}, "
+    blocks = f", formula row blocks of {args.formula_elements} numbers" if args.formula_elements else ""
+    print(f"N={args.tokens} tokens, {args.dtype} inputs, divergence {args.divergence}{blocks}, {cpu_model()}, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     if "unfused" in args.sections:
         unfused_section(args, dtype)
