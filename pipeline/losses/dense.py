@@ -20,9 +20,9 @@ chunk runs them in row blocks of about 2^18 numbers on CPU (2^22 on an accelerat
 per chunk: only W is kept chunk-sized, written over z − max once a block has read it as log q. In the fused
 loss at N = 8192, V = 32000 this took js on dense targets from 0.16 to 0.10 of the logits' size in working
 memory at tp 1 (0.17 to 0.12 at tp 2; benchmarks/README.md). The cost is a copy of W per block and ~25 ops
-per block instead of per chunk: on 2 CPU cores the same time (within noise) as whole-chunk formulas; blocks
-of a single row (32k numbers) took 1.6-1.8x, hence the element count rather than a row count. The
-accelerator figure is a launch-overhead guess, not a measurement.
+per block instead of per chunk: on 2 CPU cores the same time as whole-chunk formulas (benchmarks/loss.py
+--formula-elements); blocks of a single row took 1.3-1.4x, hence a count of numbers rather than of rows.
+The accelerator figure is a launch-overhead guess, not a measurement.
 
 Everything that reads the student's logits (its maximum, the label logit, the top-1 check, t − z for
 KL, z − max for the other divergences) runs before its exponentials are written, so at temperature 1
